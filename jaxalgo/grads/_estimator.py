@@ -1,0 +1,118 @@
+"""The estimator interface shared by every gradient estimator, and backprop as one estimator among others.
+
+An estimator is a NamedTuple of two pure functions, after optax's ``GradientTransformation``:
+
+- ``state = est.init(params)``
+- ``loss, grads, state = est.value_and_grad(params, state, batch, *, key)``
+
+``grads`` has the structure, shapes and dtypes of ``params``, so any ``optax.GradientTransformation``
+consumes it unchanged. ``loss`` is what the loss function returned: a scalar, or ``(scalar, aux)`` for
+estimators built with ``has_aux=True``. Stateless estimators use :class:`EmptyState`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+
+Params = Any
+Batch = Any
+EstimatorState = Any
+
+
+class InitFn(Protocol):
+    def __call__(self, params: Params) -> EstimatorState: ...
+
+
+class ValueAndGradFn(Protocol):
+    def __call__(
+        self, params: Params, state: EstimatorState, batch: Batch, *, key: jax.Array
+    ) -> tuple[Any, Params, EstimatorState]: ...
+
+
+class Estimator(NamedTuple):
+    """A gradient estimator: ``init(params) -> state`` and
+    ``value_and_grad(params, state, batch, *, key) -> (loss, grads, state)``."""
+
+    init: InitFn
+    value_and_grad: ValueAndGradFn
+
+
+class EmptyState(NamedTuple):
+    """State of an estimator that carries none."""
+
+
+def check_scalar_loss(value: Any, *, has_aux: bool) -> jax.Array:
+    """Returns the scalar loss from a loss function's output, or raises a clear error.
+
+    Works on abstract values too, so estimators call it while tracing, before any work is done.
+    """
+    if has_aux:
+        if not (isinstance(value, tuple) and len(value) == 2):
+            raise TypeError(
+                "loss_fn: with has_aux=True it must return a pair (loss, aux); "
+                f"got {type(value).__name__}"
+            )
+        value = value[0]
+    shape = getattr(value, "shape", None)
+    dtype = getattr(value, "dtype", None)
+    if shape != () or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            "loss_fn: must return a floating-point scalar"
+            + (" as the first element of (loss, aux)" if has_aux else "")
+            + f"; got shape {shape} and dtype {dtype}"
+        )
+    return value
+
+
+def check_float_params(params: Params) -> None:
+    """Raises if any parameter leaf is not a floating-point array (gradients are undefined there)."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"params: leaf {jax.tree_util.keystr(path)} has dtype {dtype}; "
+                "estimators need floating-point parameters (float32, float64, bfloat16, float16)"
+            )
+
+
+def backprop(loss_fn: Callable[..., Any], *, has_aux: bool = False) -> Estimator:
+    """The exact gradient by reverse-mode autodiff, behind the common estimator interface.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch)`` returning a floating-point scalar, or ``(scalar, aux)`` with
+        ``has_aux=True``.
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+    Returns:
+      An :class:`Estimator` whose ``value_and_grad`` is ``jax.value_and_grad(loss_fn)``; the key is unused.
+
+    Example::
+
+      est = jaxalgo.grads.backprop(loss_fn)
+      state = est.init(params)
+      loss, grads, state = est.value_and_grad(params, state, batch, key=key)
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
+
+    def init(params: Params) -> EmptyState:
+        check_float_params(params)
+        return EmptyState()
+
+    def value_and_grad(params, state, batch, *, key=None):
+        del key
+        check_float_params(params)
+
+        def checked(p, b):
+            out = loss_fn(p, b)
+            check_scalar_loss(out, has_aux=has_aux)
+            return out
+
+        value, grads = jax.value_and_grad(checked, has_aux=has_aux)(params, batch)
+        return value, grads, state
+
+    return Estimator(init, value_and_grad)
