@@ -52,10 +52,7 @@ def check_scalar_loss(value: Any, *, has_aux: bool) -> jax.Array:
     """
     if has_aux:
         if not (isinstance(value, tuple) and len(value) == 2):
-            raise TypeError(
-                "loss_fn: with has_aux=True it must return a pair (loss, aux); "
-                f"got {type(value).__name__}"
-            )
+            raise TypeError(f"loss_fn: with has_aux=True it must return a pair (loss, aux); got {type(value).__name__}")
         value = value[0]
     shape = getattr(value, "shape", None)
     dtype = getattr(value, "dtype", None)

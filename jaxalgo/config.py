@@ -1,0 +1,112 @@
+"""The run configuration shared by the CLI and :func:`jaxalgo.train.train_and_evaluate`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd", "momentum")
+
+# Fields that may differ between a checkpointed run and the run that resumes it: they do not change what
+# a step computes.
+RESUMABLE_FIELDS: frozenset[str] = frozenset(
+    {"epochs", "quiet", "checkpoint_every", "keep_checkpoints", "data_dir", "log_every"}
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on. Every field has a default that trains digits well.
+
+    Attributes:
+      model: model name, one of ``jaxalgo.models.MODELS``.
+      dataset: dataset name, one of ``jaxalgo.data.DATASETS``.
+      data_dir: directory with a user's local files (MNIST IDX, CIFAR-10 batches); unused for bundled sets.
+      estimator: gradient estimator name, one of ``jaxalgo.estimators.ESTIMATORS``.
+      optimizer: optax optimizer, one of :data:`OPTIMIZERS`.
+      lr: learning rate (> 0).
+      weight_decay: decoupled weight decay (adamw) or L2 added to the update (other optimizers); >= 0.
+      epochs: number of passes over the training split (>= 1).
+      batch_size: examples per step (1 <= batch_size <= training examples); the last partial batch is dropped.
+      seed: seeds the model init, the data order and every step's key.
+      hidden: MLP hidden widths.
+      activation: MLP activation.
+      loss: output loss, one of ``jaxalgo.losses.LOSSES``, or "auto" (cross-entropy / MSE by task).
+      test_fraction: held-out fraction for the bundled data sets.
+      checkpoint_every: save a checkpoint every this many steps (0: at the end of each epoch only).
+      keep_checkpoints: how many checkpoints to keep.
+      log_every: steps between progress-bar updates (and finite-loss checks).
+      quiet: no progress bar and no table.
+    """
+
+    model: str = "mlp"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    estimator: str = "backprop"
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    epochs: int = 20
+    batch_size: int = 64
+    seed: int = 0
+    hidden: tuple[int, ...] = (256, 256)
+    activation: str = "relu"
+    loss: str = "auto"
+    test_fraction: float = 0.2
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    quiet: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ValueError(f"config: unknown field(s) {unknown}; allowed: {sorted(names)}")
+        converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**converted)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The fields a checkpoint must agree on to be resumed by this config."""
+        return {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_FIELDS}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def validate_config(config: TrainConfig) -> None:
+    """Checks the fields that need no data or model to be checked; raises ValueError naming the field."""
+    from jaxalgo import losses
+
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer: unknown optimizer {config.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+    if not (isinstance(config.lr, int | float) and config.lr > 0):
+        raise ValueError(f"lr: must be a number > 0, got {config.lr!r}")
+    if config.weight_decay < 0:
+        raise ValueError(f"weight_decay: must be >= 0, got {config.weight_decay!r}")
+    if not (isinstance(config.epochs, int) and config.epochs >= 1):
+        raise ValueError(f"epochs: must be an integer >= 1, got {config.epochs!r}")
+    if not (isinstance(config.batch_size, int) and config.batch_size >= 1):
+        raise ValueError(f"batch_size: must be an integer >= 1, got {config.batch_size!r}")
+    if config.loss != "auto" and config.loss not in losses.LOSSES:
+        raise ValueError(f"loss: unknown loss {config.loss!r}; allowed: auto, {', '.join(losses.LOSSES)}")
+    if config.checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every: must be >= 0 (0 = every epoch), got {config.checkpoint_every!r}")
+    if config.keep_checkpoints < 1:
+        raise ValueError(f"keep_checkpoints: must be >= 1, got {config.keep_checkpoints!r}")
+    if config.log_every < 1:
+        raise ValueError(f"log_every: must be >= 1, got {config.log_every!r}")
+    if not 0.0 < config.test_fraction < 1.0:
+        raise ValueError(f"test_fraction: must be in (0, 1), got {config.test_fraction!r}")
+
+
+def dumps(config: TrainConfig) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True)

@@ -1,0 +1,75 @@
+"""How k directional derivatives become one gradient estimate: sum, mean, or orthogonal projection (FROG).
+
+With tangents ``v_1 .. v_k`` (rows of ``V``, k x n) and directional derivatives ``d_i = <grad f, v_i>``, every
+aggregation returns an estimate of the form ``g = sum_i c_i v_i = V^T c``; this module computes ``c``:
+
+- ``sum``:  ``c = d``,
+- ``mean``: ``c = d / k``,
+- ``orthogonal_projection``: ``c = (V V^T)^{-1} d`` (Cholesky solve of the Gram matrix ``G = V V^T``), so that
+  ``V^T c`` is the orthogonal projection of ``grad f`` onto the span of the tangents.
+
+An optional scaling correction (off by default, as in the reference) rescales the estimate towards the norm of
+the gradient: ``chi(n) / chi(k)`` for the projection with ``k < n`` (1 otherwise), with
+``chi(m) = sqrt(2) Gamma((m + 1) / 2) / Gamma(m / 2)``; ``1 / (n a)`` for the mean with
+``a = sqrt(2 / (pi n))`` for ``k = 1`` and ``a = sqrt((n + k) / (1 + k)) / n`` for ``k > 1`` (Gaussian tangents,
+``E|v|^2 = n``); the mean's factor divided by ``k`` for the sum.
+
+References:
+  Flügel et al., "Beyond Backpropagation: Optimization with Multi-Tangent Forward Gradients",
+  arXiv 2410.17764, 2024.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+AGGREGATIONS: tuple[str, ...] = ("sum", "mean", "orthogonal_projection")
+
+
+def check_aggregation(aggregation: str) -> None:
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation: unknown aggregation {aggregation!r}; allowed: {', '.join(AGGREGATIONS)}")
+
+
+def chi_mean(m: int) -> float:
+    """``E|z|`` for ``z ~ N(0, I_m)``: ``sqrt(2) Gamma((m + 1) / 2) / Gamma(m / 2)``, via log-Gamma."""
+    return math.sqrt(2.0) * math.exp(math.lgamma((m + 1) / 2) - math.lgamma(m / 2))
+
+
+def scaling_correction(aggregation: str, *, num_tangents: int, num_params: int) -> float:
+    """The reference's optional rescaling factor of the estimate (see the module docstring)."""
+    check_aggregation(aggregation)
+    k, n = num_tangents, num_params
+    if aggregation == "orthogonal_projection":
+        return chi_mean(n) / chi_mean(k) if k < n else 1.0
+    a = math.sqrt(2.0 / (math.pi * n)) if k == 1 else math.sqrt((n + k) / (1 + k)) / n
+    mean_factor = 1.0 / (n * a)
+    return mean_factor if aggregation == "mean" else mean_factor / k
+
+
+def combination_coefficients(aggregation: str, directional: jax.Array, gram: jax.Array | None = None) -> jax.Array:
+    """The coefficients ``c`` (shape (k,)) of the estimate ``V^T c``.
+
+    Args:
+      aggregation: one of :data:`AGGREGATIONS`.
+      directional: the directional derivatives ``d`` (k,).
+      gram: the Gram matrix ``V V^T`` (k, k); needed only for ``orthogonal_projection``. It must be positive
+        definite (linearly independent tangents, ``k <= n``); computed in at least float32.
+
+    Returns:
+      ``c`` in the dtype of ``directional`` promoted to at least float32.
+    """
+    check_aggregation(aggregation)
+    dtype = jnp.promote_types(directional.dtype, jnp.float32)
+    d = directional.astype(dtype)
+    if aggregation == "sum":
+        return d
+    if aggregation == "mean":
+        return d / d.shape[0]
+    if gram is None:
+        raise ValueError("gram: the orthogonal projection needs the Gram matrix V V^T of the tangents")
+    factor = jax.scipy.linalg.cho_factor(gram.astype(dtype), lower=True)
+    return jax.scipy.linalg.cho_solve(factor, d)

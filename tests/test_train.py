@@ -1,0 +1,166 @@
+"""The training loop: exact resume (in-process and after a SIGKILL), metrics, and errors before training."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxalgo
+import jaxalgo.estimators
+from jaxalgo.checkpoint import CheckpointMismatchError
+from jaxalgo.config import TrainConfig
+from jaxalgo.train import NonFiniteLossError, load_final_params, train_and_evaluate
+
+SMALL = TrainConfig(hidden=(32,), epochs=2, batch_size=64, checkpoint_every=7, quiet=True, seed=3)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_metrics(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_metrics_lines_and_final_record(tmp_path):
+    final = train_and_evaluate(SMALL, tmp_path)
+    lines = read_metrics(tmp_path)
+    assert [line["epoch"] for line in lines] == [1, 2, 2]
+    assert lines[-1]["final"] is True
+    assert lines[-1]["steps"] == final["steps"] == 2 * (1437 // 64)
+    assert 0.0 <= lines[-1]["test_accuracy"] <= 1.0
+    assert lines[-1]["seconds"] > 0
+
+
+def test_resume_after_half_the_epochs_equals_uninterrupted_run(tmp_path):
+    full = train_and_evaluate(SMALL, tmp_path / "full")["state"]
+    half = TrainConfig(**{**SMALL.__dict__, "epochs": 1})
+    train_and_evaluate(half, tmp_path / "split")
+    resumed = train_and_evaluate(SMALL, tmp_path / "split", resume=True)["state"]
+    assert int(resumed.step) == int(full.step)
+    chex.assert_trees_all_close(resumed.params, full.params, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(resumed.opt_state, full.opt_state, rtol=1e-6, atol=1e-7)
+    # The metrics file holds each epoch once, then the final record.
+    assert [line["epoch"] for line in read_metrics(tmp_path / "split")] == [1, 1, 2, 2]
+    assert read_metrics(tmp_path / "split")[-1]["final"]
+
+
+def test_resume_after_sigkill_mid_run_equals_uninterrupted_run(tmp_path):
+    config = TrainConfig(hidden=(512, 512), epochs=12, batch_size=32, checkpoint_every=10, quiet=True, seed=1)
+    workdir = tmp_path / "killed"
+    command = [sys.executable, "-m", "jaxalgo", "train", "--quiet", "--workdir", str(workdir)]
+    command += ["--hidden", "512,512", "--epochs", "12", "--batch-size", "32", "--checkpoint-every", "10"]
+    command += ["--seed", "1"]
+    env = {**os.environ, "PYTHONPATH": REPO}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoints = workdir / "checkpoints"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if checkpoints.exists() and any(p.name.isdigit() and int(p.name) >= 20 for p in checkpoints.iterdir()):
+                break
+            time.sleep(0.01)
+        assert process.poll() is None, f"run ended before it could be killed: {process.stderr.read()!r}"
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+    total = 12 * (1437 // 32)
+    killed_at = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    assert 20 <= killed_at < total
+
+    resumed = train_and_evaluate(config, workdir, resume=True)["state"]
+    full = train_and_evaluate(config, tmp_path / "full")["state"]
+    assert int(resumed.step) == int(full.step) == total
+    chex.assert_trees_all_close(resumed.params, full.params, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(resumed.opt_state, full.opt_state, rtol=1e-6, atol=1e-7)
+    restored = load_final_params(workdir, config)
+    chex.assert_trees_all_close(restored.params, full.params, rtol=1e-6, atol=1e-7)
+
+
+def test_default_config_learns_digits(tmp_path):
+    final = train_and_evaluate(TrainConfig(epochs=8, quiet=True), tmp_path)
+    assert final["test_accuracy"] >= 0.95
+
+
+def test_regression_reports_mae_in_original_units(tmp_path):
+    config = TrainConfig(dataset="diabetes", hidden=(32,), epochs=30, batch_size=32, quiet=True)
+    final = train_and_evaluate(config, tmp_path)
+    # Predicting the training mean gives an MAE of about 64 on diabetes; a trained net does much better.
+    assert 30.0 < final["test_mae"] < 60.0
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    # An estimator that returns NaN gradients from its 10th call on, counting calls in its state.
+    def poisoned(context):
+        exact = jaxalgo.grads.backprop(context.loss_fn)
+
+        def value_and_grad(params, count, batch, *, key):
+            loss, grads, _ = exact.value_and_grad(params, (), batch, key=key)
+            scale = jnp.where(count >= 9, jnp.nan, 1.0)
+            return loss, jax.tree.map(lambda g: g * scale, grads), count + 1
+
+        return jaxalgo.grads.Estimator(lambda params: jnp.int32(0), value_and_grad)
+
+    monkeypatch.setitem(jaxalgo.estimators.ESTIMATOR_BUILDERS, "poisoned", poisoned)
+    config = TrainConfig(**{**SMALL.__dict__, "estimator": "poisoned", "checkpoint_every": 4, "log_every": 1})
+    with pytest.raises(NonFiniteLossError, match=r"at step 11.*last good checkpoint is step 8"):
+        train_and_evaluate(config, tmp_path)
+    state = load_final_params(tmp_path, config)
+    assert int(state.step) == 8
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(state.params))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"model": "transformerxl"}, "model: unknown model 'transformerxl'"),
+        ({"dataset": "imagenet"}, "imagenet"),
+        ({"estimator": "magic"}, "estimator: unknown estimator 'magic'"),
+        ({"optimizer": "lion9"}, "optimizer: unknown optimizer 'lion9'"),
+        ({"lr": 0.0}, "lr: must be a number > 0"),
+        ({"lr": -1e-3}, "lr: must be a number > 0"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": 100_000}, "batch_size"),
+        ({"epochs": 0}, "epochs"),
+        ({"loss": "hinge"}, "loss: unknown loss 'hinge'"),
+        ({"dataset": "diabetes", "loss": "cross_entropy"}, "classification loss"),
+        ({"dataset": "mnist", "data_dir": "/nonexistent/jaxalgo-test"}, "nonexistent"),
+    ],
+)
+def test_bad_configuration_fails_before_training(tmp_path, changes, message):
+    config = TrainConfig(**{**SMALL.__dict__, **changes})
+    with pytest.raises((ValueError, OSError), match=message):
+        train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_workdir_that_is_a_file_is_refused(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("not a directory")
+    with pytest.raises(NotADirectoryError, match="workdir"):
+        train_and_evaluate(SMALL, path)
+
+
+def test_resume_with_different_configuration_is_refused(tmp_path):
+    train_and_evaluate(TrainConfig(**{**SMALL.__dict__, "epochs": 1}), tmp_path)
+    other = TrainConfig(**{**SMALL.__dict__, "lr": 3e-3})
+    with pytest.raises(CheckpointMismatchError, match=r"lr: checkpoint has 0.001, this run has 0.003"):
+        train_and_evaluate(other, tmp_path, resume=True)
+
+
+def test_existing_run_without_resume_is_refused(tmp_path):
+    train_and_evaluate(TrainConfig(**{**SMALL.__dict__, "epochs": 1}), tmp_path)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_and_evaluate(SMALL, tmp_path)
