@@ -183,6 +183,8 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
     """Unpickles plain containers and numpy arrays only, so a batch file cannot run arbitrary code."""
 
     _ALLOWED: ClassVar[dict[tuple[str, str], tuple[str, str]]] = {
+        # Protocol-2 pickles written by Python 3 rebuild byte strings with _codecs.encode.
+        ("_codecs", "encode"): ("_codecs", "encode"),
         ("numpy", "ndarray"): ("numpy", "ndarray"),
         ("numpy", "dtype"): ("numpy", "dtype"),
         ("numpy.core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
