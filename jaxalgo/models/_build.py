@@ -30,7 +30,7 @@ def model_options(name: str) -> tuple[str, ...]:
 
 def _check_name(name: Any) -> None:
     if not isinstance(name, str) or name not in _BUILDERS:
-        raise ValueError(f"name: unknown model {name!r}; allowed: {', '.join(MODELS)}")
+        raise ValueError(f"name: got unknown model {name!r}; allowed: {', '.join(MODELS)}")
 
 
 def build_model(
@@ -57,6 +57,7 @@ def build_model(
     for option in options:
         if option not in allowed:
             raise TypeError(
-                f"options: model {name!r} got an unknown option {option!r}; allowed: {', '.join(allowed)}"
+                f"{option}: got unknown option {option!r} for model {name!r}; allowed options: "
+                f"{', '.join(allowed)}"
             )
     return builder(input_shape, num_outputs, key=key, **options)

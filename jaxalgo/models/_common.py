@@ -42,9 +42,7 @@ ACTIVATIONS: Mapping[str, Activation] = MappingProxyType(
 def check_activation(activation: Any, *, argument: str = "activation") -> str:
     """Returns ``activation`` if it names an entry of :data:`ACTIVATIONS`, else raises."""
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
-        raise ValueError(
-            f"{argument}: unknown activation {activation!r}; allowed: {', '.join(sorted(ACTIVATIONS))}"
-        )
+        raise ValueError(f"{argument}: got {activation!r}; allowed: {', '.join(sorted(ACTIVATIONS))}")
     return activation
 
 
@@ -56,26 +54,24 @@ def check_positive_int(value: Any, argument: str, *, minimum: int = 1) -> int:
     """Returns ``int(value)`` if it is an integer ``>= minimum``, else raises naming ``argument``."""
     if not _is_int(value):
         raise TypeError(
-            f"{argument}: expected an integer >= {minimum}, got {value!r} ({type(value).__name__})"
+            f"{argument}: got {value!r} ({type(value).__name__}); expected an integer >= {minimum}"
         )
     if value < minimum:
-        raise ValueError(f"{argument}: expected an integer >= {minimum}, got {value!r}")
+        raise ValueError(f"{argument}: got {value!r}; expected an integer >= {minimum}")
     return int(value)
 
 
 def check_int_sequence(value: Any, argument: str) -> tuple[int, ...]:
     """Returns ``value`` as a non-empty tuple of positive integers, else raises naming ``argument``."""
+    allowed = "expected a non-empty sequence of positive integers"
     if isinstance(value, str | bytes) or not isinstance(value, Sequence):
-        raise TypeError(
-            f"{argument}: expected a non-empty sequence of positive integers, got {value!r} "
-            f"({type(value).__name__})"
-        )
+        raise TypeError(f"{argument}: got {value!r} ({type(value).__name__}); {allowed}")
     if len(value) == 0:
-        raise ValueError(f"{argument}: expected a non-empty sequence of positive integers, got {value!r}")
+        raise ValueError(f"{argument}: got {value!r} (empty); {allowed}")
     if not all(_is_int(v) for v in value):
-        raise TypeError(f"{argument}: expected a non-empty sequence of positive integers, got {value!r}")
+        raise TypeError(f"{argument}: got {value!r}, which holds a non-integer; {allowed}")
     if any(v < 1 for v in value):
-        raise ValueError(f"{argument}: expected a non-empty sequence of positive integers, got {value!r}")
+        raise ValueError(f"{argument}: got {value!r}, which holds a value < 1; {allowed}")
     return tuple(int(v) for v in value)
 
 
@@ -92,8 +88,8 @@ def check_input_shape(input_shape: Any, *, image: bool) -> tuple[int, ...]:
     shape = check_int_sequence(input_shape, "input_shape")
     if image and len(shape) != 3:
         raise ValueError(
-            f"input_shape: expected an image shape (height, width, channels) without the batch axis, "
-            f"got {tuple(shape)!r} ({len(shape)}-D per example); use the mlp for vector inputs"
+            f"input_shape: got {shape!r} ({len(shape)}-D per example); expected an image shape "
+            f"(height, width, channels) without the batch axis (use the mlp for vector inputs)"
         )
     return shape
 
@@ -102,13 +98,13 @@ def check_key(key: Any) -> jax.Array:
     """Checks that ``key`` is a JAX PRNG key (``jax.random.key(seed)`` or ``jax.random.PRNGKey(seed)``)."""
     if not isinstance(key, jax.Array):
         raise TypeError(
-            f"key: expected a JAX PRNG key such as jax.random.key(0), got {key!r} ({type(key).__name__})"
+            f"key: got {key!r} ({type(key).__name__}); expected a JAX PRNG key such as jax.random.key(0)"
         )
     typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
     if not (typed and key.shape == ()) and not (key.dtype == jnp.uint32 and key.shape == (2,)):
         raise ValueError(
-            f"key: expected a single PRNG key (typed scalar key or uint32[2]), got dtype {key.dtype} "
-            f"shape {key.shape}"
+            f"key: got an array of dtype {key.dtype} and shape {key.shape}; expected a single PRNG key "
+            f"(a typed scalar key or uint32[2])"
         )
     return key
 

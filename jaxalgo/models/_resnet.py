@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -22,10 +23,30 @@ from jaxalgo.models._common import (
 _MIN_SIZE_TO_DOWNSAMPLE = 4
 
 
+_lecun_normal = jax.nn.initializers.lecun_normal()
+
+
+def conv_kernel_init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    """LeCun-normal conv kernel (flax's default), drawn as its ``(kh * kw * in, out)`` matrix and reshaped.
+
+    The distribution is the default one (truncated normal, variance ``1 / fan_in`` with
+    ``fan_in = kh * kw * in``); drawing the 2-D matrix compiles several times faster on CPU than drawing the
+    4-D array directly, which matters because every new kernel shape compiles its own initialiser.
+    """
+    return _lecun_normal(key, (math.prod(shape[:-1]), shape[-1]), dtype).reshape(shape)
+
+
 def _conv(in_features: int, out_features: int, size: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
     # No bias: every conv is followed by a normalisation with its own shift.
     return nnx.Conv(
-        in_features, out_features, (size, size), strides=stride, padding="SAME", use_bias=False, rngs=rngs
+        in_features,
+        out_features,
+        (size, size),
+        strides=stride,
+        padding="SAME",
+        use_bias=False,
+        kernel_init=conv_kernel_init,
+        rngs=rngs,
     )
 
 

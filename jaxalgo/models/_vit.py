@@ -67,7 +67,7 @@ class SelfAttention(nnx.Module):
 
     def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs):
         if dim % heads != 0:
-            raise ValueError(f"dim: {dim} is not divisible by heads={heads}; choose dim a multiple of heads")
+            raise ValueError(f"dim: got {dim}, not divisible by heads={heads}; allowed: a multiple of heads")
         self.heads = heads
         self.query = nnx.Linear(dim, dim, rngs=rngs)
         self.key = nnx.Linear(dim, dim, rngs=rngs)
@@ -193,8 +193,8 @@ def vit(
     patch_size = check_positive_int(patch_size, "patch_size")
     if height % patch_size or width % patch_size:
         raise ValueError(
-            f"patch_size: {patch_size} does not divide the image size {height}x{width}; allowed: a common "
-            f"divisor of height and width, e.g. {default_patch_size(height, width)}"
+            f"patch_size: got {patch_size}, which does not divide the image size {height}x{width}; "
+            f"allowed: a common divisor of height and width, e.g. {default_patch_size(height, width)}"
         )
     dim = check_positive_int(dim, "dim")
     depth = check_positive_int(depth, "depth")
@@ -202,7 +202,8 @@ def vit(
     mlp_dim = check_positive_int(mlp_dim, "mlp_dim")
     if dim % heads:
         raise ValueError(
-            f"dim: {dim} is not divisible by heads={heads}; allowed: a multiple of heads (e.g. {heads * 16})"
+            f"dim: got {dim}, which is not divisible by heads={heads}; allowed: a multiple of heads "
+            f"(e.g. {heads * 16})"
         )
     rngs = nnx.Rngs(check_key(key))
 
