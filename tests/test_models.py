@@ -41,7 +41,17 @@ def _tiny(name, input_shape, num_outputs=5, seed=0, **overrides):
 
 
 def _inputs(shape, seed=1):
-    return jax.random.normal(jax.random.key(seed), (BATCH, *shape), jnp.float32)
+    # numpy draws: no XLA compilation per input shape.
+    return jnp.asarray(np.random.default_rng(seed).standard_normal((BATCH, *shape)), jnp.float32)
+
+
+def _abstract(builder, *args, **kwargs):
+    """The model's shapes only (no parameter is drawn, nothing is compiled)."""
+    return nnx.eval_shape(lambda: builder(*args, **kwargs))
+
+
+# Calling a module under jit (modules are pytrees); compiled once per model structure and input shape.
+_call = jax.jit(lambda module, x: module(x))
 
 
 def _kernels(params):
@@ -56,23 +66,23 @@ def _kernels(params):
 def test_output_shapes_and_chain_view(name, shape):
     model = _tiny(name, shape)
     x = _inputs(shape)
-    y = model(x)
-    assert y.shape == (BATCH, 5)
-    assert bool(jnp.all(jnp.isfinite(y)))
-
     fn, params = split_chain(model)
     assert fn.num_blocks == len(params) == TINY_BLOCKS[name]
 
     @jax.jit
-    def views(params, x):
-        # Block by block, the whole chain, every block output, and the re-merged module: one compilation.
+    def views(model, params, x):
+        # The module, block by block, the whole chain, every block output and the re-merged module, in one
+        # compilation (each compilation costs seconds on a small CPU).
         h, by_block = x, []
         for index in range(fn.num_blocks):
             h = fn.apply_block(index, params[index], h)
             by_block.append(h)
-        return fn.apply(params, x), fn.block_outputs(params, x), by_block, merge_chain(fn, params)(x)
+        applied = fn.apply(params, x)
+        return model(x), applied, fn.block_outputs(params, x), by_block, merge_chain(fn, params)(x)
 
-    applied, outputs, by_block, merged_out = views(params, x)
+    y, applied, outputs, by_block, merged_out = views(model, params, x)
+    assert y.shape == (BATCH, 5)
+    assert bool(jnp.all(jnp.isfinite(y)))
     np.testing.assert_allclose(applied, y, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(merged_out, applied)
     assert len(outputs) == fn.num_blocks
@@ -92,32 +102,33 @@ def test_output_shapes_and_chain_view(name, shape):
 
 
 def test_mlp_on_vectors_and_default_sizes():
-    model = mlp((30,), 4, key=jax.random.key(0))
-    _, params = split_chain(model)
+    fn, params = split_chain(_abstract(mlp, (30,), 4, key=jax.random.key(0)))
     assert [p["linear"]["kernel"].shape for p in params] == [(30, 256), (256, 256), (256, 4)]
-    assert model(_inputs((30,))).shape == (BATCH, 4)
+    assert jax.eval_shape(fn.apply, params, _inputs((30,))).shape == (BATCH, 4)
+    model = _tiny("mlp", (30,))
+    assert _call(model, _inputs((30,))).shape == (BATCH, 5)
 
 
 def test_resnet_stage_sizes_and_block_count():
-    model = resnet((8, 8, 1), 3, channels=(4, 8, 8, 8), blocks_per_stage=2, key=jax.random.key(0))
+    model = _abstract(resnet, (8, 8, 1), 3, channels=(4, 8, 8, 8), blocks_per_stage=2, key=jax.random.key(0))
     fn, params = split_chain(model)
     assert fn.num_blocks == 1 + 4 * 2 + 1
-    shapes = [o.shape[1:] for o in fn.block_outputs(params, _inputs((8, 8, 1)))]
+    shapes = [o.shape[1:] for o in jax.eval_shape(fn.block_outputs, params, _inputs((8, 8, 1)))]
     # 8 -> 4 -> 2, then no further downsampling: a map never goes below 2x2.
     assert shapes[:-1] == [(8, 8, 4), (8, 8, 4), (8, 8, 4), (4, 4, 8), (4, 4, 8)] + [(2, 2, 8)] * 4
     # A projection exactly where the shape changes.
     has_projection = ["proj_conv" in p for p in params[1:-1]]
     assert has_projection == [False, False, True, False, True, False, False, False]
-    model = resnet((28, 28, 1), 3, channels=(4, 4, 4), key=jax.random.key(0))
+    model = _abstract(resnet, (28, 28, 1), 3, channels=(4, 4, 4), key=jax.random.key(0))
     fn, params = split_chain(model)
-    shapes = [o.shape[1:3] for o in fn.block_outputs(params, _inputs((28, 28, 1)))[:-1]]
+    shapes = [o.shape[1:3] for o in jax.eval_shape(fn.block_outputs, params, _inputs((28, 28, 1)))[:-1]]
     assert shapes == [(28, 28), (28, 28), (14, 14), (7, 7)]
 
 
 @pytest.mark.parametrize(("shape", "expected"), [((8, 8, 1), 2), ((28, 28, 1), 4), ((32, 32, 3), 4)])
 def test_vit_default_patch_size(shape, expected):
     assert models.default_patch_size(*shape[:2]) == expected
-    _, params = split_chain(_tiny("vit", shape))
+    _, params = split_chain(_abstract(_tiny, "vit", shape))
     tokens = (shape[0] // expected) * (shape[1] // expected)
     assert params[0]["position"].shape == (tokens, 8)
     assert params[0]["linear"]["kernel"].shape == (expected * expected * shape[2], 8)
@@ -148,21 +159,10 @@ def test_every_kernel_is_2d_or_4d(name):
 
 def test_build_model_matches_the_builders():
     key = jax.random.key(7)
-    pairs = [
-        (
-            build_model("mlp", input_shape=(30,), num_outputs=3, key=key, hidden=(4,)),
-            mlp((30,), 3, hidden=(4,), key=key),
-        ),
-        (
-            build_model("resnet", input_shape=(8, 8, 1), num_outputs=3, key=key, channels=(4,)),
-            resnet((8, 8, 1), 3, channels=(4,), key=key),
-        ),
-        (
-            build_model("vit", input_shape=(8, 8, 1), num_outputs=3, key=key, dim=8, heads=2),
-            vit((8, 8, 1), 3, dim=8, heads=2, key=key),
-        ),
-    ]
-    for built, direct in pairs:
+    builders = {"mlp": mlp, "resnet": resnet, "vit": vit}
+    for name in MODELS:
+        built = build_model(name, input_shape=(8, 8, 1), num_outputs=5, key=key, **TINY[name])
+        direct = builders[name]((8, 8, 1), 5, key=key, **TINY[name])
         jax.tree.map(np.testing.assert_array_equal, split_chain(built)[1], split_chain(direct)[1])
 
 
@@ -186,7 +186,7 @@ def test_mlp_matches_numpy_forward(activation):
         h = h @ kernel + bias
         if index < len(params) - 1:
             h = numpy_act(h)
-    np.testing.assert_allclose(model(jnp.asarray(x, jnp.float32)), h, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_call(model, jnp.asarray(x, jnp.float32)), h, rtol=1e-5, atol=1e-5)
 
 
 def _numpy_attention(params, x, heads):
@@ -213,16 +213,16 @@ def _numpy_attention(params, x, heads):
 
 def test_attention_matches_numpy_softmax_attention():
     attention = SelfAttention(12, 3, rngs=nnx.Rngs(0))
-    x = np.asarray(jax.random.normal(jax.random.key(2), (2, 5, 12)), np.float64)
+    x = np.random.default_rng(2).standard_normal((2, 5, 12))
     params = nnx.to_pure_dict(nnx.state(attention))
     expected = _numpy_attention(params, x, heads=3)
-    np.testing.assert_allclose(attention(jnp.asarray(x, jnp.float32)), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(_call(attention, jnp.asarray(x, jnp.float32)), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_transformer_block_matches_numpy_and_is_permutation_equivariant():
     block = TransformerBlock(8, 2, 16, rngs=nnx.Rngs(1))
-    x = jax.random.normal(jax.random.key(3), (2, 6, 8))
-    y = block(x)
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 6, 8)), jnp.float32)
+    y = _call(block, x)
 
     # Oracle: pre-LN residual block written with numpy.
     p = nnx.to_pure_dict(nnx.state(block))
@@ -245,12 +245,12 @@ def test_transformer_block_matches_numpy_and_is_permutation_equivariant():
 
     # Permuting the tokens permutes the output the same way.
     perm = np.array([3, 0, 5, 1, 4, 2])
-    np.testing.assert_allclose(block(x[:, perm]), y[:, perm], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_call(block, x[:, perm]), y[:, perm], rtol=1e-5, atol=1e-5)
     assert not np.allclose(y[:, perm], y, atol=1e-3)  # the permutation does change the sequence
 
 
 def test_patch_embedding_matches_numpy_patches():
-    fn, params = split_chain(vit((4, 6, 2), 3, patch_size=2, dim=8, heads=2, key=jax.random.key(0)))
+    fn, params = split_chain(vit((4, 6, 2), 3, patch_size=2, **TINY["vit"], key=jax.random.key(0)))
     x = np.asarray(_inputs((4, 6, 2)), np.float64)
     embed = params[0]
     rows = []
@@ -260,7 +260,9 @@ def test_patch_embedding_matches_numpy_patches():
     patches = np.stack(rows, axis=1)  # (N, 6 tokens, 2*2*2)
     expected = patches @ np.asarray(embed["linear"]["kernel"]) + np.asarray(embed["linear"]["bias"])
     expected += np.asarray(embed["position"])
-    np.testing.assert_allclose(fn.apply_block(0, embed, jnp.asarray(x, jnp.float32)), expected, atol=1e-5)
+    np.testing.assert_allclose(
+        jax.jit(fn.apply_block, static_argnums=0)(0, embed, jnp.asarray(x, jnp.float32)), expected, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("name", ["resnet", "vit"])
@@ -283,8 +285,12 @@ def test_gradients_through_pure_function_are_finite_and_structured(name):
         assert float(jnp.max(jnp.abs(g))) > 0.0, path
     # Oracle: a central finite difference along a random direction, computed in float64.
     leaves, treedef = jax.tree.flatten(params)
-    direction = [jax.random.normal(jax.random.key(i), p.shape) for i, p in enumerate(leaves)]
-    directional = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grads), direction, strict=True))
+    rng = np.random.default_rng(5)
+    direction = [rng.standard_normal(p.shape) for p in leaves]
+    directional = sum(
+        float(np.vdot(np.asarray(g, np.float64), d))
+        for g, d in zip(jax.tree.leaves(grads), direction, strict=True)
+    )
     previous = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
     try:
@@ -293,7 +299,7 @@ def test_gradients_through_pure_function_are_finite_and_structured(name):
 
         def shifted(sign):
             moved = [
-                jnp.asarray(p, jnp.float64) + sign * eps * d for p, d in zip(leaves, direction, strict=True)
+                np.asarray(p, np.float64) + sign * eps * d for p, d in zip(leaves, direction, strict=True)
             ]
             return loss64(jax.tree.unflatten(treedef, moved))
 
