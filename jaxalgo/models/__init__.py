@@ -1,5 +1,44 @@
-"""Models as chains of blocks (flax nnx), and their pure-function view."""
+"""Models as chains of blocks (flax nnx), and their pure-function view.
 
+Builders: :func:`mlp`, :func:`resnet`, :func:`vit`, or :func:`build_model` by name (one of :data:`MODELS`).
+Every model is a :class:`Chain` whose blocks hold only ``nnx.Param`` s; weight matrices are 2-D ``kernel`` s
+of ``nnx.Linear`` (``(in, out)``) or 4-D ``kernel`` s of ``nnx.Conv`` (``(kh, kw, in, out)``).
+"""
+
+from jaxalgo.models._build import MODELS, build_model, model_options
 from jaxalgo.models._chain import Chain, ChainFn, ChainParams, merge_chain, split_chain
+from jaxalgo.models._common import ACTIVATIONS
+from jaxalgo.models._mlp import DenseBlock, mlp
+from jaxalgo.models._resnet import ConvStem, PoolHead, ResidualBlock, resnet
+from jaxalgo.models._vit import (
+    PatchEmbedding,
+    SelfAttention,
+    TokenMeanHead,
+    TransformerBlock,
+    default_patch_size,
+    vit,
+)
 
-__all__ = ["Chain", "ChainFn", "ChainParams", "merge_chain", "split_chain"]
+__all__ = [
+    "ACTIVATIONS",
+    "MODELS",
+    "Chain",
+    "ChainFn",
+    "ChainParams",
+    "ConvStem",
+    "DenseBlock",
+    "PatchEmbedding",
+    "PoolHead",
+    "ResidualBlock",
+    "SelfAttention",
+    "TokenMeanHead",
+    "TransformerBlock",
+    "build_model",
+    "default_patch_size",
+    "merge_chain",
+    "mlp",
+    "model_options",
+    "resnet",
+    "split_chain",
+    "vit",
+]

@@ -86,7 +86,7 @@ def split_chain(chain: Chain) -> tuple[ChainFn, ChainParams]:
     for block in chain.blocks:
         graphdef, state = nnx.split(block)
         graphdefs.append(graphdef)
-        params.append(state.to_pure_dict())
+        params.append(nnx.to_pure_dict(state))
     return ChainFn(tuple(graphdefs)), tuple(params)
 
 
