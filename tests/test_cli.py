@@ -1,0 +1,71 @@
+"""The ``jaxalgo`` command line: flags map to the config, errors are one clear line, runs write metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxalgo import cli
+from jaxalgo.config import TrainConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": REPO}
+    return subprocess.run(
+        [sys.executable, "-m", "jaxalgo", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_every_config_field_has_a_flag_and_defaults_match():
+    args = cli.build_parser().parse_args(["train"])
+    assert cli.config_from_args(args) == TrainConfig()
+
+
+def test_flags_reach_the_config():
+    argv = ["train", "--model", "vit", "--dataset", "wine", "--estimator", "x", "--optimizer", "sgd", "--lr", "0.5"]
+    argv += ["--epochs", "3", "--batch-size", "7", "--seed", "9", "--hidden", "8,4", "--activation", "tanh"]
+    config = cli.config_from_args(cli.build_parser().parse_args(argv))
+    assert (config.model, config.dataset, config.estimator, config.optimizer) == ("vit", "wine", "x", "sgd")
+    assert (config.lr, config.epochs, config.batch_size, config.seed) == (0.5, 3, 7, 9)
+    assert config.hidden == (8, 4) and config.activation == "tanh"
+
+
+def test_help_explains_every_flag():
+    result = run_cli("train", "--help")
+    assert result.returncode == 0
+    for flag in ["--model", "--dataset", "--estimator", "--optimizer", "--lr", "--epochs", "--batch-size"]:
+        assert flag in result.stdout
+    assert "--workdir" in result.stdout and "--resume" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--estimator", "magic"], "estimator: unknown estimator 'magic'"),
+        (["--lr", "0"], "lr: must be a number > 0"),
+        (["--batch-size", "5000"], "batch_size"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_exit_status_2(tmp_path, args, message):
+    result = run_cli("train", "--quiet", "--workdir", str(tmp_path / "run"), *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_short_run_writes_metrics_and_prints_the_table(tmp_path):
+    workdir = tmp_path / "run"
+    result = run_cli("train", "--epochs", "2", "--hidden", "32", "--workdir", str(workdir))
+    assert result.returncode == 0, result.stderr
+    assert "test accuracy" in result.stdout and "steps" in result.stdout
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["final"] is True
+    assert lines[-1]["steps"] == 2 * (1437 // 64)
+    assert {"test_accuracy", "steps", "seconds"} <= set(lines[-1])
