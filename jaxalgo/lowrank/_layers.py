@@ -175,7 +175,7 @@ def _split_blocks(modules: Sequence[nnx.Module]) -> tuple[ChainFn, ChainParams]:
     for module in modules:
         graphdef, state = nnx.split(module)
         graphdefs.append(graphdef)
-        params.append(state.to_pure_dict())
+        params.append(nnx.to_pure_dict(state))
     return ChainFn(tuple(graphdefs)), tuple(params)
 
 
