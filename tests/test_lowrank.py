@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import chex
@@ -45,7 +46,7 @@ class AttentionBlock(nnx.Module):
 def mlp_chain(widths=(12, 24, 24, 3), dtype=jnp.float32, seed=0):
     rngs = nnx.Rngs(seed)
     blocks = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
         blocks.append(nnx.Linear(a, b, param_dtype=dtype, rngs=rngs))
         if i < len(widths) - 2:
             blocks.append(nnx.Sequential(jax.nn.tanh))
@@ -95,7 +96,7 @@ def test_factored_chain_equals_dense_chain_mlp_and_attention(x64):
         fn2, p2, layers = lowrank.factorize_chain(fn, params)
         assert layers
         np.testing.assert_allclose(fn2(p2, x), fn(params, x), atol=1e-10)
-        fn3, p3 = lowrank.densify_chain(fn2, p2)
+        _fn3, p3 = lowrank.densify_chain(fn2, p2)
         assert jax.tree.structure(p3) == jax.tree.structure(params)
         chex.assert_trees_all_close(p3, params, atol=1e-10)
 
@@ -115,7 +116,7 @@ def test_eligibility_excludes_thin_layers():
 
 def test_truncated_factored_forward_equals_dense_forward_of_the_truncated_weight(x64):
     fn, params = mlp_chain(widths=(40, 48, 3), dtype=jnp.float64)
-    fn2, p2, layers = lowrank.factorize_chain(fn, params, ranks={"0": (4, 6)})
+    fn2, p2, _layers = lowrank.factorize_chain(fn, params, ranks={"0": (4, 6)})
     assert lowrank.factored_is_cheaper(40, 48, 6)
     w = lowrank.compose(lowrank.factorize(params[0]["kernel"], 4))
     dense = {**params[0], "kernel": w}
@@ -127,7 +128,7 @@ def test_factored_forward_uses_fewer_flops():
     fn, params = mlp_chain(widths=(128, 128, 3))
     x = jnp.ones((32, 128))
     flops = lambda f, p: jax.jit(f).lower(p, x).compile().cost_analysis()["flops"]
-    _, p_full, _ = lowrank.factorize_chain(fn, params)
+    _, _p_full, _ = lowrank.factorize_chain(fn, params)
     fn_low, p_low, _ = lowrank.factorize_chain(fn, params, ranks={"0": (8, 8)})
     dense, low = flops(fn, params), flops(fn_low, p_low)
     assert low < 0.3 * dense, (low, dense)
@@ -147,7 +148,7 @@ def test_zero_padding_to_a_bucket_changes_nothing_and_gets_zero_gradients(x64):
 
 def test_rank_buckets_are_descending_and_bounded():
     b = lowrank.rank_buckets(256, 1.25)
-    assert b[0] == 256 and b[-1] == 1 and all(x > y for x, y in zip(b, b[1:], strict=False))
+    assert b[0] == 256 and b[-1] == 1 and all(x > y for x, y in itertools.pairwise(b))
     assert len(b) <= math.log(256) / math.log(1.25) + 2
     assert lowrank.bucket_size(100, 256, 1.25) >= 100
     assert lowrank.rank_buckets(5, 1.0) == (5, 4, 3, 2, 1)
@@ -212,7 +213,7 @@ def _with_dense_s(p2, key=6):
 
 
 def test_rotation_leaves_w_unchanged(x64):
-    _, _, fn2, p2, s2, layers, status, tx, _ = _converted()
+    _, _, _fn2, p2, s2, layers, status, tx, _ = _converted()
     p2, spectrum = _with_dense_s(p2)
     w_before = lowrank.compose(lowrank.Factors(p2[0]["U"], p2[0]["S"], p2[0]["V"]))
     no_cut = lowrank.OIALRConfig(cutoff=1e-6, window_growth=1.0)
@@ -226,7 +227,7 @@ def test_rotation_leaves_w_unchanged(x64):
 
 
 def test_cut_keeps_exactly_the_singular_values_above_the_cutoff(x64):
-    _, _, fn2, p2, s2, layers, status, tx, config = _converted()
+    _, _, _fn2, p2, s2, layers, status, tx, config = _converted()
     p2, spectrum = _with_dense_s(p2)
     w = np.asarray(lowrank.compose(lowrank.Factors(p2[0]["U"], p2[0]["S"], p2[0]["V"])))
     # cutoff 0.15 of s_0 = 10 is 1.5: 10, 8, 6, 4, 2, 1.6 stay (6 values); half of 20 may go, so 6 is allowed... no:
@@ -235,7 +236,7 @@ def test_cut_keeps_exactly_the_singular_values_above_the_cutoff(x64):
     assert st3.ranks["0"] == 10 and p3[0]["S"].shape == (10, 10)
     np.testing.assert_allclose(report["0"]["singular_values"], spectrum, atol=1e-10)
     # second check: 10 -> 6, exactly the values >= 1.5
-    p4, s4, st4, _ = lowrank.stability_check(p3, s3, tx, layers, st3, config)
+    p4, _s4, st4, _ = lowrank.stability_check(p3, s3, tx, layers, st3, config)
     assert st4.ranks["0"] == 6 and st4.checks == 2
     np.testing.assert_allclose(np.diag(np.asarray(p4[0]["S"])), spectrum[:6], atol=1e-10)
     u, s_, vt = np.linalg.svd(w)
@@ -248,7 +249,7 @@ def test_cut_keeps_exactly_the_singular_values_above_the_cutoff(x64):
 
 
 def test_optimizer_state_follows_the_cut_and_keeps_the_count(x64):
-    fn, params, fn2, p2, s2, layers, status, tx, config = _converted()
+    _fn, _params, fn2, p2, s2, layers, status, tx, config = _converted()
     p2, _ = _with_dense_s(p2)
     # give the moments content by taking real optimizer steps on the factorised model
     frozen = lowrank.freeze_factors(tx)
@@ -270,9 +271,7 @@ def test_optimizer_state_follows_the_cut_and_keeps_the_count(x64):
     _, s4, _, _ = lowrank.stability_check(p2, s2, tx, layers, status, rotate)
     us, _, vst = np.linalg.svd(np.asarray(p2[0]["S"]))
     np.testing.assert_allclose(s4[0].mu[0]["S"], (us.T @ np.asarray(mu_before) @ vst.T)[:r, :r], atol=1e-12)
-    np.testing.assert_allclose(
-        s4[0].nu[0]["S"], ((us**2).T @ np.asarray(nu_before) @ (vst.T**2))[:r, :r], atol=1e-12
-    )
+    np.testing.assert_allclose(s4[0].nu[0]["S"], ((us**2).T @ np.asarray(nu_before) @ (vst.T**2))[:r, :r], atol=1e-12)
     # and the sliced state works with the cut parameters
     updates, _ = frozen.update(jax.grad(loss)(p3), s3, p3)
     chex.assert_trees_all_equal_shapes(updates, p3)
@@ -295,7 +294,7 @@ def test_frozen_bases_do_not_move_but_s_and_bias_train(x64):
 
 
 def test_freeze_factors_is_transparent_on_dense_models():
-    fn, params = mlp_chain()
+    _fn, params = mlp_chain()
     tx = optax.adam(1e-3)
     wrapped = lowrank.freeze_factors(tx)
     assert jax.tree.structure(wrapped.init(params)) == jax.tree.structure(tx.init(params))
@@ -311,7 +310,7 @@ def test_bad_input_raises_naming_the_argument():
     for bad in (0.0, 1.0, 1.5, -0.1):
         with pytest.raises(ValueError, match=r"cutoff: must be a number in the open interval \(0, 1\)"):
             lowrank.OIALRConfig(cutoff=bad)
-    with pytest.raises(ValueError, match="delay: must be an integer >= 0.*-1"):
+    with pytest.raises(ValueError, match=r"delay: must be an integer >= 0.*-1"):
         lowrank.OIALRConfig(delay=-1)
     with pytest.raises(ValueError, match="stability_frequency: must be an integer >= 1"):
         lowrank.OIALRConfig(stability_frequency=0)
@@ -327,7 +326,7 @@ def test_train_config_validation_names_the_lowrank_fields():
 
     with pytest.raises(ValueError, match="lowrank_cutoff: must be a number in the open interval"):
         validate_config(TrainConfig(lowrank="oialr", lowrank_cutoff=1.2))
-    with pytest.raises(ValueError, match="lowrank_delay: must be an integer >= 0.*-5"):
+    with pytest.raises(ValueError, match=r"lowrank_delay: must be an integer >= 0.*-5"):
         validate_config(TrainConfig(lowrank="oialr", lowrank_delay=-5))
     with pytest.raises(ValueError, match="lowrank_frequency"):
         validate_config(TrainConfig(lowrank="oialr", lowrank_frequency=0))
