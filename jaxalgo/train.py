@@ -409,7 +409,11 @@ def load_final_params(workdir: str | os.PathLike, config: TrainConfig) -> TrainS
         latest = checkpointer.latest_step()
         if latest is None:
             raise FileNotFoundError(f"workdir: no checkpoint in {os.fspath(workdir)!r}")
-        return checkpointer.restore(latest, experiment.init_state())
+        like = experiment.init_state()
+        lowrank_hook = _lowrank_hook(experiment, os.devnull)
+        if lowrank_hook is not None:  # factorised, rank-cut shapes recorded in the checkpoint
+            like = lowrank_hook.restore_target(checkpointer.read_record(latest), like)
+        return checkpointer.restore(latest, like)
     finally:
         checkpointer.close()
 

@@ -11,7 +11,7 @@ import pytest
 
 from jaxalgo.cli import build_parser, config_from_args
 from jaxalgo.config import TrainConfig
-from jaxalgo.train import train_and_evaluate
+from jaxalgo.train import load_final_params, train_and_evaluate
 
 # 22 steps per epoch on digits (1437 training examples, batch 64).
 SMALL = TrainConfig(
@@ -66,6 +66,9 @@ def test_oialr_run_converts_cuts_and_resumes_exactly(tmp_path):
     assert final["trainable_fraction"] < 0.6
     # one compilation before conversion, then one per distinct set of shapes
     assert 2 <= final["compilations"] <= 2 + len(checks)
+    # the final checkpoint restores into the factorised shapes
+    loaded = load_final_params(tmp_path / "full", SMALL)
+    chex.assert_trees_all_close(loaded.params, full["state"].params)
     # resume from the checkpoint of step 35 (after conversion and a cut): the same end state
     half = TrainConfig(**{**SMALL.__dict__, "epochs": 2})
     train_and_evaluate(half, tmp_path / "split")

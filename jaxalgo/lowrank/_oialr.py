@@ -172,9 +172,18 @@ def _rotation(s_block: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return us, s, vst.T
 
 
-def _embed(block: jax.Array, size: int, dtype: Any) -> jax.Array:
-    r = block.shape[0]
-    return jnp.zeros((size, size), dtype).at[:r, :r].set(block.astype(dtype))
+def _embed(block: np.ndarray, size: int, dtype: Any) -> jax.Array:
+    """``block`` in the top-left corner of a zero ``(size, size)`` array (built on the host: the shapes change at
+    every cut, and eager device ops would compile once per new shape)."""
+    out = np.zeros((size, size), np.float64)
+    out[: block.shape[0], : block.shape[1]] = block
+    return jnp.asarray(out, dtype)
+
+
+def _columns(matrix: np.ndarray, size: int, dtype: Any) -> jax.Array:
+    out = np.zeros((matrix.shape[0], size), np.float64)
+    out[:, : matrix.shape[1]] = matrix
+    return jnp.asarray(out, dtype)
 
 
 def stability_check(
@@ -210,7 +219,7 @@ def stability_check(
         values = layer_params(params, info)
         u, s_mat, v = values["U"], values["S"], values["V"]
         r, size = ranks[info.name], sizes[info.name]
-        us, s, vs = _rotation(s_mat[:r, :r])
+        us, s, vs = _rotation(np.asarray(s_mat)[:r, :r])
         new_r = limited_rank(
             r,
             cutoff_rank(s, config.cutoff),
@@ -218,10 +227,10 @@ def stability_check(
             min_rank=config.min_rank(info),
         )
         new_size = min(size, bucket_size(new_r, info.full_rank, config.bucket_ratio))
-        us_k, vs_k = jnp.asarray(us[:, :new_r], u.dtype), jnp.asarray(vs[:, :new_r], v.dtype)
-        new_u = jnp.zeros((info.m, new_size), u.dtype).at[:, :new_r].set(u[:, :r] @ us_k)
-        new_v = jnp.zeros((info.n, new_size), v.dtype).at[:, :new_r].set(v[:, :r] @ vs_k)
-        new_s = _embed(jnp.diag(jnp.asarray(s[:new_r])), new_size, s_mat.dtype)
+        u_host, v_host = np.asarray(u[:, :r], np.float64), np.asarray(v[:, :r], np.float64)
+        new_u = _columns(u_host @ us[:, :new_r], new_size, u.dtype)
+        new_v = _columns(v_host @ vs[:, :new_r], new_size, v.dtype)
+        new_s = _embed(np.diag(s[:new_r]), new_size, s_mat.dtype)
         params = with_layer_params(params, info, {**values, "U": new_u, "S": new_s, "V": new_v})
         ranks[info.name], sizes[info.name] = new_r, new_size
         report[info.name] = {"singular_values": s.tolist(), "rank_before": r, "rank": new_r}
@@ -248,10 +257,11 @@ def _update_moments(params, opt_state, tx, layers, moment_fns, *, rotate: bool):
             for suffix, name in s_paths.items():
                 if len(path) >= len(suffix) and tuple(path[len(path) - len(suffix) :]) == suffix:
                     r, _, _, us, vs = moment_fns[name]
-                    block = np.asarray(leaf[:r, :r], np.float64)
+                    host = np.array(leaf, np.float64)
+                    block = host[:r, :r]
                     second = any(getattr(k, "name", None) == "nu" for k in path)
-                    rotated = (us**2).T @ block @ (vs**2) if second else us.T @ block @ vs
-                    return leaf.at[:r, :r].set(jnp.asarray(rotated, leaf.dtype))
+                    host[:r, :r] = (us**2).T @ block @ (vs**2) if second else us.T @ block @ vs
+                    return jnp.asarray(host, leaf.dtype)
             return leaf
 
         opt_state = jax.tree_util.tree_map_with_path(rotate_leaf, opt_state)
@@ -261,7 +271,7 @@ def _update_moments(params, opt_state, tx, layers, moment_fns, *, rotate: bool):
         if name is None:
             return _unchanged
         _, new_r, new_size, _, _ = moment_fns[name]
-        return lambda leaf: _embed(leaf[:new_r, :new_r], new_size, leaf.dtype)
+        return lambda leaf: _embed(np.asarray(leaf, np.float64)[:new_r, :new_r], new_size, leaf.dtype)
 
     slicers = jax.tree_util.tree_map_with_path(slicer_for, trainable_part(params))
     return map_param_moments(tx, lambda leaf, slicer: slicer(leaf), opt_state, slicers)
