@@ -95,7 +95,7 @@ def test_factored_chain_equals_dense_chain_mlp_and_attention(x64):
     ):
         fn2, p2, layers = lowrank.factorize_chain(fn, params)
         assert layers
-        np.testing.assert_allclose(fn2(p2, x), fn(params, x), atol=1e-10)
+        np.testing.assert_allclose(jax.jit(fn2)(p2, x), jax.jit(fn)(params, x), atol=1e-10)
         _fn3, p3 = lowrank.densify_chain(fn2, p2)
         assert jax.tree.structure(p3) == jax.tree.structure(params)
         chex.assert_trees_all_close(p3, params, atol=1e-10)
@@ -121,7 +121,7 @@ def test_truncated_factored_forward_equals_dense_forward_of_the_truncated_weight
     w = lowrank.compose(lowrank.factorize(params[0]["kernel"], 4))
     dense = {**params[0], "kernel": w}
     x = jax.random.normal(jax.random.key(4), (5, 40), jnp.float64)
-    np.testing.assert_allclose(fn2(p2, x), fn((dense, *params[1:]), x), atol=1e-10)
+    np.testing.assert_allclose(jax.jit(fn2)(p2, x), jax.jit(fn)((dense, *params[1:]), x), atol=1e-10)
 
 
 def test_factored_forward_uses_fewer_flops():
@@ -139,10 +139,10 @@ def test_zero_padding_to_a_bucket_changes_nothing_and_gets_zero_gradients(x64):
     fn_a, p_a, _ = lowrank.factorize_chain(fn, params, ranks={"0": (5, 5)})
     fn_b, p_b, _ = lowrank.factorize_chain(fn, params, ranks={"0": (5, 9)})
     x = jax.random.normal(jax.random.key(5), (4, 20), jnp.float64)
-    np.testing.assert_allclose(fn_b(p_b, x), fn_a(p_a, x), atol=1e-12)
-    g = jax.grad(lambda p: jnp.sum(fn_b(p, x) ** 2))(p_b)[0]["S"]
+    np.testing.assert_allclose(jax.jit(fn_b)(p_b, x), jax.jit(fn_a)(p_a, x), atol=1e-12)
+    g = jax.jit(jax.grad(lambda p: jnp.sum(fn_b(p, x) ** 2)))(p_b)[0]["S"]
     assert np.all(np.asarray(g)[5:, :] == 0) and np.all(np.asarray(g)[:, 5:] == 0)
-    g_a = jax.grad(lambda p: jnp.sum(fn_a(p, x) ** 2))(p_a)[0]["S"]
+    g_a = jax.jit(jax.grad(lambda p: jnp.sum(fn_a(p, x) ** 2)))(p_a)[0]["S"]
     np.testing.assert_allclose(g[:5, :5], g_a, atol=1e-12)
 
 
@@ -256,7 +256,7 @@ def test_optimizer_state_follows_the_cut_and_keeps_the_count(x64):
     x = jax.random.normal(jax.random.key(8), (6, 24), jnp.float64)
     loss = lambda p: jnp.sum(fn2(p, x) ** 2)
     for _ in range(3):
-        updates, s2 = frozen.update(jax.grad(loss)(p2), s2, p2)
+        updates, s2 = jax.jit(frozen.update)(jax.jit(jax.grad(loss))(p2), s2, p2)
         p2 = optax.apply_updates(p2, updates)
     count = int(s2[0].count)
     mu_before, nu_before = s2[0].mu[0]["S"], s2[0].nu[0]["S"]
