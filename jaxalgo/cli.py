@@ -70,6 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--keep-checkpoints", type=int, default=DEFAULTS.keep_checkpoints, help="checkpoints kept")
     add("--log-every", type=int, default=DEFAULTS.log_every, help="steps between progress updates")
+    add("--lowrank", default=DEFAULTS.lowrank, help="low-rank training: none, oialr")
+    add("--lowrank-delay", type=int, default=DEFAULTS.lowrank_delay, help="OIALR full-rank steps before conversion")
+    add("--lowrank-frequency", type=int, default=DEFAULTS.lowrank_frequency, help="steps between OIALR rank checks")
+    add("--lowrank-cutoff", type=float, default=DEFAULTS.lowrank_cutoff, help="OIALR cutoff: keep s >= cutoff*s_0")
+    add(
+        "--lowrank-bucket-ratio",
+        type=float,
+        default=DEFAULTS.lowrank_bucket_ratio,
+        help="ratio between stored rank buckets (1: exact shapes, one re-compilation per cut)",
+    )
+    add("--lowrank-rotate-moments", action="store_true", help="rotate optimizer moments of S at each check")
     add(
         "--workdir",
         default=None,

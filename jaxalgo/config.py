@@ -38,6 +38,12 @@ class TrainConfig:
       keep_checkpoints: how many checkpoints to keep.
       log_every: steps between progress-bar updates (and finite-loss checks).
       quiet: no progress bar and no table.
+      lowrank: low-rank training method, "none" or "oialr" (see :mod:`jaxalgo.lowrank`).
+      lowrank_delay: OIALR full-rank warm-up steps before conversion (>= 0).
+      lowrank_frequency: steps between OIALR stability checks (>= 1).
+      lowrank_cutoff: OIALR relative singular-value cutoff, in (0, 1).
+      lowrank_bucket_ratio: ratio between rank buckets (>= 1; 1 = exact shapes, a re-compilation per cut).
+      lowrank_rotate_moments: rotate the optimizer moments of S with the bases at each stability check.
     """
 
     model: str = "mlp"
@@ -58,6 +64,12 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     quiet: bool = False
+    lowrank: str = "none"
+    lowrank_delay: int = 100
+    lowrank_frequency: int = 20
+    lowrank_cutoff: float = 0.15
+    lowrank_bucket_ratio: float = 1.25
+    lowrank_rotate_moments: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -106,6 +118,9 @@ def validate_config(config: TrainConfig) -> None:
         raise ValueError(f"log_every: must be >= 1, got {config.log_every!r}")
     if not 0.0 < config.test_fraction < 1.0:
         raise ValueError(f"test_fraction: must be in (0, 1), got {config.test_fraction!r}")
+    from jaxalgo.lowrank import oialr_config_from_train_config
+
+    oialr_config_from_train_config(config)  # raises naming the lowrank_* field
 
 
 def dumps(config: TrainConfig) -> str:

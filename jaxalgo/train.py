@@ -247,15 +247,31 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike, *, resum
     experiment = setup(config)
     checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=config.keep_checkpoints)
     metrics_path = os.path.join(workdir, METRICS_FILE)
+    lowrank_hook = _lowrank_hook(experiment, metrics_path)
     try:
-        state, elapsed = _initial_state(experiment, checkpointer, resume=resume, metrics_path=metrics_path)
-        return _run(experiment, state, elapsed, checkpointer, metrics_path)
+        state, elapsed = _initial_state(
+            experiment, checkpointer, resume=resume, metrics_path=metrics_path, lowrank_hook=lowrank_hook
+        )
+        return _run(experiment, state, elapsed, checkpointer, metrics_path, lowrank_hook)
     finally:
         checkpointer.close()
 
 
+def _lowrank_hook(experiment: Experiment, metrics_path: str) -> Any:
+    """The OIALR hook (``jaxalgo.lowrank.OIALRTrainer``) when ``config.lowrank`` asks for one, else None."""
+    if experiment.config.lowrank == "none":
+        return None
+    from jaxalgo import lowrank
+
+    return lowrank.OIALRTrainer(
+        experiment,
+        lowrank.oialr_config_from_train_config(experiment.config),
+        log=lambda record: _append_metrics(metrics_path, record),
+    )
+
+
 def _initial_state(
-    experiment: Experiment, checkpointer: Checkpointer, *, resume: bool, metrics_path: str
+    experiment: Experiment, checkpointer: Checkpointer, *, resume: bool, metrics_path: str, lowrank_hook: Any = None
 ) -> tuple[TrainState, float]:
     fresh = experiment.init_state()
     latest = checkpointer.latest_step()
@@ -270,17 +286,27 @@ def _initial_state(
         )
     record = checkpointer.read_record(latest)
     check_record_matches(record, experiment.config.fingerprint(), checkpointer.directory)
+    if lowrank_hook is not None:  # the checkpoint may hold factorised, rank-cut arrays
+        fresh = lowrank_hook.restore_target(record, fresh)
     state = checkpointer.restore(latest, fresh)
     _trim_metrics(metrics_path, latest)
     return state, float(record.get("elapsed_seconds", 0.0))
 
 
 def _run(
-    experiment: Experiment, state: TrainState, elapsed: float, checkpointer: Checkpointer, metrics_path: str
+    experiment: Experiment,
+    state: TrainState,
+    elapsed: float,
+    checkpointer: Checkpointer,
+    metrics_path: str,
+    lowrank_hook: Any = None,
 ) -> dict[str, Any]:
     config = experiment.config
-    train_step = make_train_step(experiment.estimator, experiment.optimizer)
-    evaluate = make_evaluate(experiment.chain, experiment.output_loss, experiment.dataset)
+    if lowrank_hook is None:
+        train_step = make_train_step(experiment.estimator, experiment.optimizer)
+        evaluate = make_evaluate(experiment.chain, experiment.output_loss, experiment.dataset)
+    else:  # OIALR swaps model, step and evaluation when it factorises the model
+        train_step, evaluate = lowrank_hook.train_step, lowrank_hook.evaluate
     spe, total = experiment.steps_per_epoch, experiment.total_steps
     _, data_seed, _ = _seeds(config.seed)
     step = int(state.step)
@@ -297,6 +323,8 @@ def _run(
             "config_fingerprint": config.fingerprint(),
             "elapsed_seconds": time.perf_counter() - started,
         }
+        if lowrank_hook is not None:
+            record.update(lowrank_hook.record())
         checkpointer.save(step, state, record)
 
     def check_finite(loss: jax.Array, step: int) -> float:
@@ -312,6 +340,8 @@ def _run(
     interactive = sys.stderr.isatty() and not config.quiet
     progress = tqdm(total=total, initial=step, disable=not interactive, unit="step", dynamic_ncols=True)
     losses_in_epoch: list[jax.Array] = []
+    if lowrank_hook is not None:
+        state = lowrank_hook.after_step(step, state)  # delay 0: convert before the first step
     try:
         while step < total:
             epoch, offset = divmod(step, spe)
@@ -321,6 +351,8 @@ def _run(
             for batch in batches:
                 state, loss = train_step(state, batch, experiment.run_key)
                 step += 1
+                if lowrank_hook is not None:
+                    state = lowrank_hook.after_step(step, state)
                 losses_in_epoch.append(loss)
                 if step % config.log_every == 0:
                     progress.set_postfix(epoch=epoch + 1, loss=f"{check_finite(loss, step):.4f}")
@@ -331,12 +363,16 @@ def _run(
             train_loss = check_finite(jnp.mean(jnp.stack(losses_in_epoch)), step)
             losses_in_epoch.clear()
             record = {"step": step, "epoch": epoch + 1, "train_loss": train_loss, **evaluate(state.params)}
+            if lowrank_hook is not None:
+                record.update(lowrank_hook.metrics())
             record["seconds"] = time.perf_counter() - started
             _append_metrics(metrics_path, record)
             save(state, step)
     finally:
         progress.close()
     final = {"final": True, "step": step, "epoch": config.epochs, **evaluate(state.params)}
+    if lowrank_hook is not None:
+        final.update(lowrank_hook.metrics())
     final.update(steps=step, seconds=time.perf_counter() - started)
     _append_metrics(metrics_path, final)
     if not config.quiet:
@@ -373,7 +409,11 @@ def load_final_params(workdir: str | os.PathLike, config: TrainConfig) -> TrainS
         latest = checkpointer.latest_step()
         if latest is None:
             raise FileNotFoundError(f"workdir: no checkpoint in {os.fspath(workdir)!r}")
-        return checkpointer.restore(latest, experiment.init_state())
+        like = experiment.init_state()
+        lowrank_hook = _lowrank_hook(experiment, os.devnull)
+        if lowrank_hook is not None:  # factorised, rank-cut shapes recorded in the checkpoint
+            like = lowrank_hook.restore_target(checkpointer.read_record(latest), like)
+        return checkpointer.restore(latest, like)
     finally:
         checkpointer.close()
 

@@ -1,0 +1,76 @@
+"""Low-rank training: factorised layers ``W = U S V^T``, OIALR, and the SVD helpers AB-training shares.
+
+Public API:
+
+- SVD helpers (:mod:`jaxalgo.lowrank._svd`): ``as_matrix``, ``factorize``, ``compose``, ``ab_factors``,
+  ``cutoff_rank``, ``limited_rank``, ``rank_buckets``, ``bucket_size``, ``Factors``.
+- Factorised layers: ``LowRankDense``, ``factorize_chain``, ``densify_chain``, ``find_layers``, ``LayerInfo``,
+  ``factored_is_cheaper``, ``layer_params``, ``with_layer_params``.
+- Optimizer plumbing: ``freeze_factors``, ``keep_count``, ``map_param_moments``, ``trainable_part``.
+- OIALR: ``OIALRConfig``, ``LowRankStatus``, ``convert``, ``stability_check``, ``check_window``,
+  ``trainable_counts``, and ``OIALRTrainer`` (the training-loop hook).
+"""
+
+from jaxalgo.lowrank._hook import OIALRTrainer, oialr_config_from_train_config
+from jaxalgo.lowrank._layers import (
+    LayerInfo,
+    LowRankDense,
+    densify_chain,
+    factored_is_cheaper,
+    factorize_chain,
+    find_layers,
+    layer_params,
+    with_layer_params,
+)
+from jaxalgo.lowrank._oialr import (
+    LowRankStatus,
+    OIALRConfig,
+    check_window,
+    convert,
+    stability_check,
+    trainable_counts,
+)
+from jaxalgo.lowrank._optim import freeze_factors, keep_count, map_param_moments, trainable_part
+from jaxalgo.lowrank._svd import (
+    Factors,
+    ab_factors,
+    as_matrix,
+    bucket_size,
+    compose,
+    cutoff_rank,
+    factorize,
+    limited_rank,
+    rank_buckets,
+)
+
+__all__ = [
+    "Factors",
+    "LayerInfo",
+    "LowRankDense",
+    "LowRankStatus",
+    "OIALRConfig",
+    "OIALRTrainer",
+    "ab_factors",
+    "as_matrix",
+    "bucket_size",
+    "check_window",
+    "compose",
+    "convert",
+    "cutoff_rank",
+    "densify_chain",
+    "factored_is_cheaper",
+    "factorize",
+    "factorize_chain",
+    "find_layers",
+    "freeze_factors",
+    "keep_count",
+    "layer_params",
+    "limited_rank",
+    "map_param_moments",
+    "oialr_config_from_train_config",
+    "rank_buckets",
+    "stability_check",
+    "trainable_counts",
+    "trainable_part",
+    "with_layer_params",
+]

@@ -1,0 +1,89 @@
+"""OIALR inside the training loop: conversion and cuts on schedule, metrics, exact resume, bounded compilations."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+
+import chex
+import pytest
+
+from jaxalgo.cli import build_parser, config_from_args
+from jaxalgo.config import TrainConfig
+from jaxalgo.train import load_final_params, train_and_evaluate
+
+# 22 steps per epoch on digits (1437 training examples, batch 64).
+SMALL = TrainConfig(
+    hidden=(48, 48),
+    epochs=4,
+    batch_size=64,
+    seed=2,
+    quiet=True,
+    lowrank="oialr",
+    lowrank_delay=20,
+    lowrank_frequency=10,
+    lowrank_cutoff=0.5,
+    checkpoint_every=35,
+)
+
+
+def read_metrics(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_cli_flags_reach_the_config():
+    args = build_parser().parse_args(
+        ["train", "--lowrank", "oialr", "--lowrank-delay", "7", "--lowrank-frequency", "3", "--lowrank-cutoff", "0.3"]
+    )
+    config = config_from_args(args)
+    assert (config.lowrank, config.lowrank_delay, config.lowrank_frequency, config.lowrank_cutoff) == (
+        "oialr",
+        7,
+        3,
+        0.3,
+    )
+
+
+def test_oialr_run_converts_cuts_and_resumes_exactly(tmp_path):
+    full = train_and_evaluate(SMALL, tmp_path / "full")
+    lines = read_metrics(tmp_path / "full")
+    events = [line for line in lines if "event" in line]
+    assert next(e["event"] for e in events) == "oialr_convert" and events[0]["step"] == 20
+    checks = [e for e in events if e["event"] == "oialr_check"]
+    assert [e["step"] for e in checks] == list(range(30, 88 + 1, 10))
+    # ranks only decrease; the trainable fraction follows the ranks
+    for a, b in itertools.pairwise(checks):
+        assert all(b["lowrank_ranks"][k] <= v for k, v in a["lowrank_ranks"].items())
+    final = lines[-1]
+    assert final["final"] and final["lowrank_converted"]
+    ranks = final["lowrank_ranks"]
+    assert set(ranks) == {"0/linear", "1/linear", "2/linear"}  # 48x10 head: 10 > 48 / 10, eligible
+    dense = 64 * 48 + 48 + 48 * 48 + 48 + 48 * 10 + 10
+    trainable = ranks["0/linear"] ** 2 + 48 + ranks["1/linear"] ** 2 + 48 + ranks["2/linear"] ** 2 + 10
+    assert final["trainable_fraction"] == pytest.approx(trainable / dense)
+    assert final["trainable_fraction"] < 0.6
+    # one compilation before conversion, then one per distinct set of shapes
+    assert 2 <= final["compilations"] <= 2 + len(checks)
+    # the final checkpoint restores into the factorised shapes
+    loaded = load_final_params(tmp_path / "full", SMALL)
+    chex.assert_trees_all_close(loaded.params, full["state"].params)
+    # resume from the checkpoint of step 35 (after conversion and a cut): the same end state
+    half = TrainConfig(**{**SMALL.__dict__, "epochs": 2})
+    train_and_evaluate(half, tmp_path / "split")
+    resumed = train_and_evaluate(SMALL, tmp_path / "split", resume=True)
+    assert int(resumed["state"].step) == int(full["state"].step)
+    chex.assert_trees_all_close(resumed["state"].params, full["state"].params, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(resumed["state"].opt_state, full["state"].opt_state, rtol=1e-6, atol=1e-7)
+    assert read_metrics(tmp_path / "split")[-1]["lowrank_ranks"] == ranks
+    assert resumed["test_accuracy"] == pytest.approx(full["test_accuracy"])
+
+
+def test_step_zero_conversion_and_factored_params(tmp_path):
+    config = TrainConfig(**{**SMALL.__dict__, "epochs": 1, "lowrank_delay": 0, "checkpoint_every": 0})
+    final = train_and_evaluate(config, tmp_path)
+    params = final["state"].params
+    assert set(params[0]["linear"]) == {"U", "S", "V", "bias"}
+    assert set(params[2]["linear"]) == {"U", "S", "V", "bias"}
+    assert params[1]["linear"]["S"].shape == (48, 48)  # converted at full rank, exactly
