@@ -58,6 +58,8 @@ class Collective:
       group_size: devices per replica group.
       axes: mesh axes spanned by the replica groups.
       level: ``"cross-node"`` (spans the outermost axis), ``"node-local"``, or ``"none"`` (groups of one).
+      replica_groups: the device groups (logical ids, flat positions in ``mesh.devices``); for a
+        collective-permute, the (source, target) pairs.
       name: the HLO instruction name.
     """
 
@@ -70,6 +72,7 @@ class Collective:
     group_size: int
     axes: tuple[str, ...]
     level: str
+    replica_groups: tuple[tuple[int, ...], ...]
     name: str
 
 
@@ -105,7 +108,9 @@ class CommReport:
         return self.total(level="node-local", requested=True)
 
     def count(self, *, level: str | None = None, kind: str | None = None) -> int:
-        return sum(1 for c in self.collectives if (level is None or c.level == level) and (kind is None or c.kind == kind))
+        return sum(
+            1 for c in self.collectives if (level is None or c.level == level) and (kind is None or c.kind == kind)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary: totals per level, and one row per collective."""
@@ -260,7 +265,9 @@ def comm_report(
         if match is None:
             continue
         kind, is_start = match.group("op"), bool(match.group("start"))
-        shapes = [(t, int(np.prod([int(d) for d in dims.split(",") if d]))) for t, dims in _HLO_SHAPE.findall(match["type"])]
+        shapes = [
+            (t, int(np.prod([int(d) for d in dims.split(",") if d]))) for t, dims in _HLO_SHAPE.findall(match["type"])
+        ]
         if is_start and kind in ("all-gather", "collective-permute", "all-to-all"):
             shapes = shapes[: max(1, len(shapes) // 2)] if kind == "all-gather" else shapes[:1]
         groups = _parse_groups(line[match.end() :], total)
@@ -290,6 +297,7 @@ def comm_report(
                 group_size=group_size,
                 axes=axes,
                 level=level,
+                replica_groups=tuple(tuple(g) for g in groups),
                 name=match.group("name"),
             )
         )
