@@ -38,6 +38,17 @@ class TrainConfig:
       keep_checkpoints: how many checkpoints to keep.
       log_every: steps between progress-bar updates (and finite-loss checks).
       quiet: no progress bar and no table.
+      parallel: data parallelism: "none" (one device), "ddp" (gradient all-reduce every step) or "daso".
+      mesh: devices as NODESxLOCAL, e.g. "2x4" (default with ddp/daso: one node per process).
+      daso_global_skip: DASO steps between global averages after the warm-up (>= 1).
+      daso_batches_to_wait: DASO's S, steps until a global average is merged (0 <= S < daso_global_skip).
+      daso_warmup_epochs: DASO epochs with a blocking global average every step at the start.
+      daso_cooldown_epochs: the same at the end.
+      daso_merge_weight: w of DASO's merge (w S theta_local + sum theta_stale) / (w S + P).
+      daso_max_global_skip: global_skip after a plateau at global_skip 1.
+      daso_comm_dtype: wire dtype of DASO's global average (bfloat16, float16, float32).
+      daso_sharded: Horovod-style sharded global average (cross-node bytes / devices per node).
+      daso_adaptive: adapt global_skip and S on plateaus of the epoch loss.
     """
 
     model: str = "mlp"
@@ -58,6 +69,17 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     quiet: bool = False
+    parallel: str = "none"
+    mesh: str = ""
+    daso_global_skip: int = 4
+    daso_batches_to_wait: int = 1
+    daso_warmup_epochs: int = 4
+    daso_cooldown_epochs: int = 4
+    daso_merge_weight: float = 2.0
+    daso_max_global_skip: int = 8
+    daso_comm_dtype: str = "bfloat16"
+    daso_sharded: bool = False
+    daso_adaptive: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}

@@ -115,6 +115,9 @@ def setup(config: TrainConfig) -> Experiment:
     """Validates ``config`` and builds the run; every configuration error is raised here, before training."""
     validate_config(config)
     check_estimator_name(config.estimator)
+    from jaxalgo.parallel._train import check_parallel_config
+
+    check_parallel_config(config)
     if config.model not in models.MODELS:
         raise ValueError(f"model: unknown model {config.model!r}; allowed: {', '.join(models.MODELS)}")
     dataset = data.load_dataset(
@@ -245,19 +248,27 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike, *, resum
     """
     workdir = _prepare_workdir(workdir)
     experiment = setup(config)
+    runner = _make_runner(experiment)
     checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=config.keep_checkpoints)
     metrics_path = os.path.join(workdir, METRICS_FILE)
     try:
-        state, elapsed = _initial_state(experiment, checkpointer, resume=resume, metrics_path=metrics_path)
-        return _run(experiment, state, elapsed, checkpointer, metrics_path)
+        state, elapsed = _initial_state(experiment, checkpointer, runner, resume=resume, metrics_path=metrics_path)
+        return _run(experiment, state, elapsed, checkpointer, metrics_path, runner)
     finally:
         checkpointer.close()
 
 
+def _make_runner(experiment: Experiment):
+    """Single-device, DDP or DASO steps (``config.parallel``); see ``jaxalgo.parallel._train``."""
+    from jaxalgo.parallel._train import make_runner
+
+    return make_runner(experiment)
+
+
 def _initial_state(
-    experiment: Experiment, checkpointer: Checkpointer, *, resume: bool, metrics_path: str
+    experiment: Experiment, checkpointer: Checkpointer, runner: Any, *, resume: bool, metrics_path: str
 ) -> tuple[TrainState, float]:
-    fresh = experiment.init_state()
+    fresh = runner.init(experiment.init_state())
     latest = checkpointer.latest_step()
     if latest is None:
         if resume:
@@ -271,15 +282,20 @@ def _initial_state(
     record = checkpointer.read_record(latest)
     check_record_matches(record, experiment.config.fingerprint(), checkpointer.directory)
     state = checkpointer.restore(latest, fresh)
-    _trim_metrics(metrics_path, latest)
+    if runner.is_primary:
+        _trim_metrics(metrics_path, latest)
     return state, float(record.get("elapsed_seconds", 0.0))
 
 
 def _run(
-    experiment: Experiment, state: TrainState, elapsed: float, checkpointer: Checkpointer, metrics_path: str
+    experiment: Experiment,
+    state: TrainState,
+    elapsed: float,
+    checkpointer: Checkpointer,
+    metrics_path: str,
+    runner: Any,
 ) -> dict[str, Any]:
     config = experiment.config
-    train_step = make_train_step(experiment.estimator, experiment.optimizer)
     evaluate = make_evaluate(experiment.chain, experiment.output_loss, experiment.dataset)
     spe, total = experiment.steps_per_epoch, experiment.total_steps
     _, data_seed, _ = _seeds(config.seed)
@@ -319,7 +335,7 @@ def _run(
                 experiment.dataset, config.batch_size, seed=data_seed, epoch=epoch, start_step=offset
             )
             for batch in batches:
-                state, loss = train_step(state, batch, experiment.run_key)
+                state, loss = runner.step(state, batch, step)
                 step += 1
                 losses_in_epoch.append(loss)
                 if step % config.log_every == 0:
@@ -330,16 +346,19 @@ def _run(
                     save(state, step)
             train_loss = check_finite(jnp.mean(jnp.stack(losses_in_epoch)), step)
             losses_in_epoch.clear()
-            record = {"step": step, "epoch": epoch + 1, "train_loss": train_loss, **evaluate(state.params)}
-            record["seconds"] = time.perf_counter() - started
-            _append_metrics(metrics_path, record)
+            state = runner.end_epoch(state, epoch, train_loss)
+            record = {"step": step, "epoch": epoch + 1, "train_loss": train_loss, **evaluate(runner.eval_params(state))}
+            record.update(runner.epoch_metrics(), seconds=time.perf_counter() - started)
+            if runner.is_primary:
+                _append_metrics(metrics_path, record)
             save(state, step)
     finally:
         progress.close()
-    final = {"final": True, "step": step, "epoch": config.epochs, **evaluate(state.params)}
+    final = {"final": True, "step": step, "epoch": config.epochs, **evaluate(runner.eval_params(state))}
     final.update(steps=step, seconds=time.perf_counter() - started)
-    _append_metrics(metrics_path, final)
-    if not config.quiet:
+    if runner.is_primary:
+        _append_metrics(metrics_path, final)
+    if not config.quiet and runner.is_primary:
         print(format_summary(config, final))
     return {**final, "state": state}
 
@@ -373,7 +392,7 @@ def load_final_params(workdir: str | os.PathLike, config: TrainConfig) -> TrainS
         latest = checkpointer.latest_step()
         if latest is None:
             raise FileNotFoundError(f"workdir: no checkpoint in {os.fspath(workdir)!r}")
-        return checkpointer.restore(latest, experiment.init_state())
+        return checkpointer.restore(latest, _make_runner(experiment).init(experiment.init_state()))
     finally:
         checkpointer.close()
 
