@@ -111,8 +111,10 @@ def _start_devices(args: argparse.Namespace) -> None:
     from jaxalgo.parallel import detect_cluster, initialize_distributed
 
     explicit = (args.coordinator, args.num_processes, args.process_id)
-    if any(v is not None for v in explicit) or args.devices is not None or (
-        args.parallel != "none" and detect_cluster() is not None
+    if (
+        any(v is not None for v in explicit)
+        or args.devices is not None
+        or (args.parallel != "none" and detect_cluster() is not None)
     ):
         initialize_distributed(*explicit, local_device_count=args.devices)
 

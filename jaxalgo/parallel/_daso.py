@@ -123,10 +123,13 @@ class DasoSchedule(NamedTuple):
 
 
 class DasoState(NamedTuple):
-    """DASO's state: the in-flight global average (parameter-shaped, replicated) and the schedule."""
+    """DASO's state: the in-flight global average (parameter-shaped, replicated), the schedule, and each node's
+    sum of step losses in the current epoch (shape ``(P,)``; the plateau detector's input, so that a resumed run
+    adapts exactly as an uninterrupted one)."""
 
     inflight: Any
     schedule: DasoSchedule
+    loss_sum: jax.Array
 
 
 class DasoTrainState(NamedTuple):
@@ -321,18 +324,19 @@ def daso(
             stack(params),
             new_estimator_state,
             stack(vary(opt_state, node_axis)),
-            DasoState(inflight, daso_state.schedule),
+            DasoState(inflight, daso_state.schedule, daso_state.loss_sum + loss[None]),
             vary(loss, node_axis)[None],
         )
 
     node, repl, data = P(node_axis), P(), P(data_axes)
+    daso_specs = DasoState(inflight=repl, schedule=repl, loss_sum=node)
 
     def make_step(phase):
         sharded = jax.shard_map(
             lambda *args: body(phase, *args),
             mesh=mesh,
-            in_specs=(repl, node, repl, node, repl, data, repl),
-            out_specs=(node, repl, node, repl, node),
+            in_specs=(repl, node, repl, node, daso_specs, data, repl),
+            out_specs=(node, repl, node, daso_specs, node),
         )
 
         def step_with_loss(state: DasoTrainState, batch, run_key):
@@ -352,7 +356,11 @@ def daso(
             params=stacked(params),
             estimator_state=estimator.init(params),
             opt_state=stacked(optimizer.init(params)),
-            daso=DasoState(inflight=jax.tree.map(jnp.asarray, params), schedule=initial_schedule(config)),
+            daso=DasoState(
+                inflight=jax.tree.map(jnp.asarray, params),
+                schedule=initial_schedule(config),
+                loss_sum=jnp.zeros((num_nodes,), jnp.float32),
+            ),
         )
         return place_daso_state(state, mesh, node_axis)
 
@@ -378,5 +386,9 @@ def place_daso_state(state: DasoTrainState, mesh: Mesh, node_axis: str = NODE_AX
         params=place(state.params, mesh, P(node_axis)),
         estimator_state=place(state.estimator_state, mesh, P()),
         opt_state=place(state.opt_state, mesh, P(node_axis)),
-        daso=place(state.daso, mesh, P()),
+        daso=DasoState(
+            inflight=place(state.daso.inflight, mesh, P()),
+            schedule=place(state.daso.schedule, mesh, P()),
+            loss_sum=place(state.daso.loss_sum, mesh, P(node_axis)),
+        ),
     )

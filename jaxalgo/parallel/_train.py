@@ -22,11 +22,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
 
 from jaxalgo.config import TrainConfig
 from jaxalgo.parallel._daso import DasoConfig, DasoTrainState, daso, update_schedule
 from jaxalgo.parallel._data_parallel import data_parallel
-from jaxalgo.parallel._mesh import check_divisible, make_mesh, parse_mesh_shape, replicate, shard
+from jaxalgo.parallel._mesh import check_divisible, make_mesh, parse_mesh_shape, place, replicate, shard
 
 PARALLEL_MODES: tuple[str, ...] = ("none", "ddp", "daso")
 
@@ -136,6 +138,7 @@ class DasoRunner:
         self._steps_per_epoch = experiment.steps_per_epoch
         self._epochs = config.epochs
         self._schedule = None
+        self._epoch_schedule = None
         self._phases: collections.Counter[str] = collections.Counter()
         self._mean = jax.jit(jnp.mean)
         self.is_primary = jax.process_index() == 0
@@ -155,24 +158,36 @@ class DasoRunner:
             total_epochs=self._epochs,
             schedule=self._schedule_of(state),
         )
+        if not self._phases:
+            self._epoch_schedule = self._schedule
         self._phases[phase] += 1
         state, loss_per_node = self.daso.steps[phase](state, shard(batch, self.mesh), self._run_key)
         return state, self._mean(loss_per_node)
 
     def end_epoch(self, state: DasoTrainState, epoch: int, train_loss: float) -> DasoTrainState:
+        """Updates the schedule from the epoch's mean loss, summed in the state (exact across a resume)."""
+        del train_loss  # the loop's value covers only the steps since a resume
+        loss_sum = multihost_utils.process_allgather(state.daso.loss_sum, tiled=True)
+        epoch_loss = float(np.mean(loss_sum)) / self._steps_per_epoch
         schedule = update_schedule(
-            self._schedule_of(state), epoch=epoch, train_loss=train_loss, total_epochs=self._epochs, config=self.config
+            self._schedule_of(state), epoch=epoch, train_loss=epoch_loss, total_epochs=self._epochs, config=self.config
         )
         self._schedule = _host(schedule)
-        return state._replace(daso=state.daso._replace(schedule=replicate(schedule, self.mesh)))
+        daso_state = state.daso._replace(
+            schedule=replicate(schedule, self.mesh),
+            loss_sum=place(jnp.zeros_like(loss_sum), self.mesh, P(self.daso.node_axis)),
+        )
+        return state._replace(daso=daso_state)
 
     def eval_params(self, state: DasoTrainState) -> Any:
         return _host(self.daso.consensus(state.params))
 
     def epoch_metrics(self) -> dict[str, Any]:
+        """The schedule this epoch ran with and how many steps ran each phase."""
+        schedule = self._epoch_schedule
         record = {
-            "daso_global_skip": int(self._schedule.global_skip) if self._schedule is not None else None,
-            "daso_batches_to_wait": int(self._schedule.batches_to_wait) if self._schedule is not None else None,
+            "daso_global_skip": None if schedule is None else int(schedule.global_skip),
+            "daso_batches_to_wait": None if schedule is None else int(schedule.batches_to_wait),
             "daso_phases": dict(sorted(self._phases.items())),
         }
         self._phases.clear()
