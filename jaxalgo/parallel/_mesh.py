@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -103,7 +104,7 @@ def place(tree: Any, mesh: Mesh, spec: P) -> Any:
     """Places every leaf with ``NamedSharding(mesh, spec)``; works in single- and multi-process runs.
 
     Every process must pass the same global values (each keeps only the pieces its devices hold). PRNG key arrays
-    are placed through their key data.
+    are placed through their key data. The result never aliases the input, so it can be donated to a step.
     """
     sharding = NamedSharding(mesh, spec)
 
@@ -114,7 +115,8 @@ def place(tree: Any, mesh: Mesh, spec: P) -> Any:
         if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
             return leaf
         if jax.process_count() == 1:
-            return jax.device_put(leaf, sharding)
+            # a fresh copy: the placed array may be donated to a step without deleting the caller's array
+            return jax.device_put(jnp.array(leaf, copy=True), sharding)
         host = np.asarray(jax.device_get(leaf) if isinstance(leaf, jax.Array) else leaf)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
