@@ -87,8 +87,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="run directory (default: a new runs/<time>-<model>-<dataset>-<estimator>)",
     )
     add("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
+    _add_parallel_flags(train)
     add("--quiet", action="store_true", help="no progress bar and no summary table")
     return parser
+
+
+def _add_parallel_flags(train: argparse.ArgumentParser) -> None:
+    group = train.add_argument_group("data parallelism (jaxalgo.parallel)")
+    add = group.add_argument
+    add("--parallel", default=DEFAULTS.parallel, help="none, ddp (all-reduce every step) or daso")
+    add("--mesh", default=DEFAULTS.mesh, help="devices as NODESxLOCAL, e.g. 2x4 (default: one node per process)")
+    add("--daso-global-skip", type=int, default=DEFAULTS.daso_global_skip, help="steps between global averages")
+    add("--daso-batches-to-wait", type=int, default=DEFAULTS.daso_batches_to_wait, help="S: steps until the merge")
+    add("--daso-warmup-epochs", type=int, default=DEFAULTS.daso_warmup_epochs, help="blocking epochs at the start")
+    add("--daso-cooldown-epochs", type=int, default=DEFAULTS.daso_cooldown_epochs, help="blocking epochs at the end")
+    add("--daso-merge-weight", type=float, default=DEFAULTS.daso_merge_weight, help="w of the merge")
+    add("--daso-max-global-skip", type=int, default=DEFAULTS.daso_max_global_skip, help="skip after a reset")
+    add("--daso-comm-dtype", default=DEFAULTS.daso_comm_dtype, help="bfloat16, float16 or float32")
+    add("--daso-sharded", action="store_true", help="Horovod-style sharded global average")
+    add(
+        "--daso-adaptive",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULTS.daso_adaptive,
+        help="adapt global_skip and S on loss plateaus",
+    )
+    add("--devices", type=int, default=None, help="simulated CPU devices per process (set before jax starts)")
+    add("--coordinator", default=None, help="multi-process: HOST:PORT of process 0 (or SLURM / Open MPI env)")
+    add("--num-processes", type=int, default=None, help="multi-process: number of processes")
+    add("--process-id", type=int, default=None, help="multi-process: this process's id")
+
+
+def _start_devices(args: argparse.Namespace) -> None:
+    """Simulated devices and jax.distributed, before anything touches a device."""
+    from jaxalgo.parallel import detect_cluster, initialize_distributed
+
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if (
+        any(v is not None for v in explicit)
+        or args.devices is not None
+        or (args.parallel != "none" and detect_cluster() is not None)
+    ):
+        initialize_distributed(*explicit, local_device_count=args.devices)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -101,6 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     config = config_from_args(args)
+    try:
+        _start_devices(args)
+    except ValueError as error:
+        print(f"jaxalgo: error: {error}", file=sys.stderr)
+        return 2
     workdir = args.workdir or os.path.join(
         "runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{config.model}-{config.dataset}-{config.estimator}"
     )

@@ -44,6 +44,17 @@ class TrainConfig:
       lowrank_cutoff: OIALR relative singular-value cutoff, in (0, 1).
       lowrank_bucket_ratio: ratio between rank buckets (>= 1; 1 = exact shapes, a re-compilation per cut).
       lowrank_rotate_moments: rotate the optimizer moments of S with the bases at each stability check.
+      parallel: data parallelism: "none" (one device), "ddp" (gradient all-reduce every step) or "daso".
+      mesh: devices as NODESxLOCAL, e.g. "2x4" (default with ddp/daso: one node per process).
+      daso_global_skip: DASO steps between global averages after the warm-up (>= 1).
+      daso_batches_to_wait: DASO's S, steps until a global average is merged (0 <= S < daso_global_skip).
+      daso_warmup_epochs: DASO epochs with a blocking global average every step at the start.
+      daso_cooldown_epochs: the same at the end.
+      daso_merge_weight: w of DASO's merge (w S theta_local + sum theta_stale) / (w S + P).
+      daso_max_global_skip: global_skip after a plateau at global_skip 1.
+      daso_comm_dtype: wire dtype of DASO's global average (bfloat16, float16, float32).
+      daso_sharded: Horovod-style sharded global average (cross-node bytes / devices per node).
+      daso_adaptive: adapt global_skip and S on plateaus of the epoch loss.
     """
 
     model: str = "mlp"
@@ -70,6 +81,17 @@ class TrainConfig:
     lowrank_cutoff: float = 0.15
     lowrank_bucket_ratio: float = 1.25
     lowrank_rotate_moments: bool = False
+    parallel: str = "none"
+    mesh: str = ""
+    daso_global_skip: int = 4
+    daso_batches_to_wait: int = 1
+    daso_warmup_epochs: int = 4
+    daso_cooldown_epochs: int = 4
+    daso_merge_weight: float = 2.0
+    daso_max_global_skip: int = 8
+    daso_comm_dtype: str = "bfloat16"
+    daso_sharded: bool = False
+    daso_adaptive: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -116,6 +138,10 @@ def validate_config(config: TrainConfig) -> None:
         raise ValueError(f"keep_checkpoints: must be >= 1, got {config.keep_checkpoints!r}")
     if config.log_every < 1:
         raise ValueError(f"log_every: must be >= 1, got {config.log_every!r}")
+    if config.lowrank != "none" and config.parallel != "none":
+        raise ValueError(
+            f"lowrank: {config.lowrank!r} runs on one device only; got parallel={config.parallel!r} (use parallel='none')"
+        )
     if not 0.0 < config.test_fraction < 1.0:
         raise ValueError(f"test_fraction: must be in (0, 1), got {config.test_fraction!r}")
     from jaxalgo.lowrank import oialr_config_from_train_config

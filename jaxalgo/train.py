@@ -115,6 +115,9 @@ def setup(config: TrainConfig) -> Experiment:
     """Validates ``config`` and builds the run; every configuration error is raised here, before training."""
     validate_config(config)
     check_estimator_name(config.estimator)
+    from jaxalgo.parallel._train import check_parallel_config
+
+    check_parallel_config(config)
     if config.model not in models.MODELS:
         raise ValueError(f"model: unknown model {config.model!r}; allowed: {', '.join(models.MODELS)}")
     dataset = data.load_dataset(
@@ -245,14 +248,15 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike, *, resum
     """
     workdir = _prepare_workdir(workdir)
     experiment = setup(config)
+    runner = _make_runner(experiment)
     checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=config.keep_checkpoints)
     metrics_path = os.path.join(workdir, METRICS_FILE)
     lowrank_hook = _lowrank_hook(experiment, metrics_path)
     try:
         state, elapsed = _initial_state(
-            experiment, checkpointer, resume=resume, metrics_path=metrics_path, lowrank_hook=lowrank_hook
+            experiment, checkpointer, runner, resume=resume, metrics_path=metrics_path, lowrank_hook=lowrank_hook
         )
-        return _run(experiment, state, elapsed, checkpointer, metrics_path, lowrank_hook)
+        return _run(experiment, state, elapsed, checkpointer, metrics_path, runner, lowrank_hook)
     finally:
         checkpointer.close()
 
@@ -270,10 +274,23 @@ def _lowrank_hook(experiment: Experiment, metrics_path: str) -> Any:
     )
 
 
+def _make_runner(experiment: Experiment):
+    """Single-device, DDP or DASO steps (``config.parallel``); see ``jaxalgo.parallel._train``."""
+    from jaxalgo.parallel._train import make_runner
+
+    return make_runner(experiment)
+
+
 def _initial_state(
-    experiment: Experiment, checkpointer: Checkpointer, *, resume: bool, metrics_path: str, lowrank_hook: Any = None
+    experiment: Experiment,
+    checkpointer: Checkpointer,
+    runner: Any,
+    *,
+    resume: bool,
+    metrics_path: str,
+    lowrank_hook: Any = None,
 ) -> tuple[TrainState, float]:
-    fresh = experiment.init_state()
+    fresh = runner.init(experiment.init_state())
     latest = checkpointer.latest_step()
     if latest is None:
         if resume:
@@ -289,7 +306,8 @@ def _initial_state(
     if lowrank_hook is not None:  # the checkpoint may hold factorised, rank-cut arrays
         fresh = lowrank_hook.restore_target(record, fresh)
     state = checkpointer.restore(latest, fresh)
-    _trim_metrics(metrics_path, latest)
+    if runner.is_primary:
+        _trim_metrics(metrics_path, latest)
     return state, float(record.get("elapsed_seconds", 0.0))
 
 
@@ -299,14 +317,17 @@ def _run(
     elapsed: float,
     checkpointer: Checkpointer,
     metrics_path: str,
+    runner: Any,
     lowrank_hook: Any = None,
 ) -> dict[str, Any]:
     config = experiment.config
     if lowrank_hook is None:
-        train_step = make_train_step(experiment.estimator, experiment.optimizer)
-        evaluate = make_evaluate(experiment.chain, experiment.output_loss, experiment.dataset)
-    else:  # OIALR swaps model, step and evaluation when it factorises the model
-        train_step, evaluate = lowrank_hook.train_step, lowrank_hook.evaluate
+        train_step = runner.step
+        plain_evaluate = make_evaluate(experiment.chain, experiment.output_loss, experiment.dataset)
+        evaluate = lambda state: plain_evaluate(runner.eval_params(state))
+    else:  # OIALR swaps model, step and evaluation when it factorises the model (single device only)
+        train_step = lambda state, batch, step: lowrank_hook.train_step(state, batch, experiment.run_key)
+        evaluate = lambda state: lowrank_hook.evaluate(state.params)
     spe, total = experiment.steps_per_epoch, experiment.total_steps
     _, data_seed, _ = _seeds(config.seed)
     step = int(state.step)
@@ -349,7 +370,7 @@ def _run(
                 experiment.dataset, config.batch_size, seed=data_seed, epoch=epoch, start_step=offset
             )
             for batch in batches:
-                state, loss = train_step(state, batch, experiment.run_key)
+                state, loss = train_step(state, batch, step)
                 step += 1
                 if lowrank_hook is not None:
                     state = lowrank_hook.after_step(step, state)
@@ -362,20 +383,24 @@ def _run(
                     save(state, step)
             train_loss = check_finite(jnp.mean(jnp.stack(losses_in_epoch)), step)
             losses_in_epoch.clear()
-            record = {"step": step, "epoch": epoch + 1, "train_loss": train_loss, **evaluate(state.params)}
+            state = runner.end_epoch(state, epoch, train_loss)
+            record = {"step": step, "epoch": epoch + 1, "train_loss": train_loss, **evaluate(state)}
+            record.update(runner.epoch_metrics())
             if lowrank_hook is not None:
                 record.update(lowrank_hook.metrics())
             record["seconds"] = time.perf_counter() - started
-            _append_metrics(metrics_path, record)
+            if runner.is_primary:
+                _append_metrics(metrics_path, record)
             save(state, step)
     finally:
         progress.close()
-    final = {"final": True, "step": step, "epoch": config.epochs, **evaluate(state.params)}
+    final = {"final": True, "step": step, "epoch": config.epochs, **evaluate(state)}
     if lowrank_hook is not None:
         final.update(lowrank_hook.metrics())
     final.update(steps=step, seconds=time.perf_counter() - started)
-    _append_metrics(metrics_path, final)
-    if not config.quiet:
+    if runner.is_primary:
+        _append_metrics(metrics_path, final)
+    if not config.quiet and runner.is_primary:
         print(format_summary(config, final))
     return {**final, "state": state}
 
@@ -409,7 +434,7 @@ def load_final_params(workdir: str | os.PathLike, config: TrainConfig) -> TrainS
         latest = checkpointer.latest_step()
         if latest is None:
             raise FileNotFoundError(f"workdir: no checkpoint in {os.fspath(workdir)!r}")
-        like = experiment.init_state()
+        like = _make_runner(experiment).init(experiment.init_state())
         lowrank_hook = _lowrank_hook(experiment, os.devnull)
         if lowrank_hook is not None:  # factorised, rank-cut shapes recorded in the checkpoint
             like = lowrank_hook.restore_target(checkpointer.read_record(latest), like)

@@ -330,9 +330,7 @@ def test_cifar_reader_round_trip(tmp_path, layout):
         expected = (train_data[n, c * 1024 + h * 32 + w] - mean[c]) / std[c]
         np.testing.assert_allclose(ds.x_train[n, h, w, c], expected, rtol=1e-5, atol=1e-5)
     test_row = batches["test_batch"][b"data"][2]
-    np.testing.assert_allclose(
-        ds.x_test[2, 5, 7, 2], (test_row[2048 + 5 * 32 + 7] - mean[2]) / std[2], atol=1e-5
-    )
+    np.testing.assert_allclose(ds.x_test[2, 5, 7, 2], (test_row[2048 + 5 * 32 + 7] - mean[2]) / std[2], atol=1e-5)
 
 
 def test_cifar_reader_rejects_corrupt_batches(tmp_path):

@@ -35,9 +35,7 @@ BATCH = 2
 
 def _tiny(name, input_shape, num_outputs=5, seed=0, **overrides):
     options = {**TINY[name], **overrides}
-    return build_model(
-        name, input_shape=input_shape, num_outputs=num_outputs, key=jax.random.key(seed), **options
-    )
+    return build_model(name, input_shape=input_shape, num_outputs=num_outputs, key=jax.random.key(seed), **options)
 
 
 def _inputs(shape, seed=1):
@@ -193,9 +191,7 @@ def _numpy_attention(params, x, heads):
     """Per-head softmax attention written with numpy loops, from the projection weights."""
 
     def project(name, h):
-        return h @ np.asarray(params[name]["kernel"], np.float64) + np.asarray(
-            params[name]["bias"], np.float64
-        )
+        return h @ np.asarray(params[name]["kernel"], np.float64) + np.asarray(params[name]["bias"], np.float64)
 
     n, tokens, dim = x.shape
     d = dim // heads
@@ -288,8 +284,7 @@ def test_gradients_through_pure_function_are_finite_and_structured(name):
     rng = np.random.default_rng(5)
     direction = [rng.standard_normal(p.shape) for p in leaves]
     directional = sum(
-        float(np.vdot(np.asarray(g, np.float64), d))
-        for g, d in zip(jax.tree.leaves(grads), direction, strict=True)
+        float(np.vdot(np.asarray(g, np.float64), d)) for g, d in zip(jax.tree.leaves(grads), direction, strict=True)
     )
     previous = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
@@ -298,9 +293,7 @@ def test_gradients_through_pure_function_are_finite_and_structured(name):
         eps = 1e-5
 
         def shifted(sign):
-            moved = [
-                np.asarray(p, np.float64) + sign * eps * d for p, d in zip(leaves, direction, strict=True)
-            ]
+            moved = [np.asarray(p, np.float64) + sign * eps * d for p, d in zip(leaves, direction, strict=True)]
             return loss64(jax.tree.unflatten(treedef, moved))
 
         x = jnp.asarray(x, jnp.float64)

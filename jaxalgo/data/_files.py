@@ -36,16 +36,13 @@ def check_data_dir(data_dir: str | os.PathLike | None, dataset: str, expected: s
     """Returns ``data_dir`` as a Path after checking that it was given and is an existing directory."""
     if data_dir is None:
         raise ValueError(
-            f"data_dir: required for dataset {dataset!r} (nothing is downloaded); "
-            f"pass a directory holding {expected}"
+            f"data_dir: required for dataset {dataset!r} (nothing is downloaded); pass a directory holding {expected}"
         )
     if not isinstance(data_dir, str | os.PathLike):
         raise TypeError(f"data_dir: expected a str or os.PathLike, got {type(data_dir).__name__}")
     path = Path(data_dir)
     if not path.exists():
-        raise FileNotFoundError(
-            f"data_dir: directory {str(path)!r} does not exist; it should hold {expected}"
-        )
+        raise FileNotFoundError(f"data_dir: directory {str(path)!r} does not exist; it should hold {expected}")
     if not path.is_dir():
         raise NotADirectoryError(f"data_dir: {str(path)!r} is not a directory; it should hold {expected}")
     return path
@@ -68,8 +65,7 @@ def locate_idx_files(data_dir: Path) -> dict[str, Path]:
             missing.append(f"{name}[.gz]")
     if missing:
         raise FileNotFoundError(
-            f"data_dir: {str(data_dir)!r} lacks the file(s) {', '.join(missing)}; "
-            f"expected {expected_idx_files()}"
+            f"data_dir: {str(data_dir)!r} lacks the file(s) {', '.join(missing)}; expected {expected_idx_files()}"
         )
     return found
 
@@ -129,14 +125,12 @@ def check_labels(labels: np.ndarray, source: str, num_examples: int) -> np.ndarr
     """Checks that labels lie in ``[0, 10)`` and match the number of images; returns them as int32."""
     if len(labels) != num_examples:
         raise ValueError(
-            f"data_dir: {source} holds {len(labels)} labels but its images number {num_examples}; "
-            "they must be equal"
+            f"data_dir: {source} holds {len(labels)} labels but its images number {num_examples}; they must be equal"
         )
     labels = np.asarray(labels)
     if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
         raise ValueError(
-            f"data_dir: {source} has labels in [{labels.min()}, {labels.max()}]; "
-            f"allowed are 0..{NUM_CLASSES - 1}"
+            f"data_dir: {source} has labels in [{labels.min()}, {labels.max()}]; allowed are 0..{NUM_CLASSES - 1}"
         )
     return labels.astype(np.int32)
 
@@ -233,28 +227,16 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             f"data_dir: {path.name} lacks the key b{err.args[0]!r}; expected keys b'data' and b'labels', "
             f"found {sorted(map(repr, batch))}"
         ) from None
-    if (
-        not isinstance(data, np.ndarray)
-        or data.dtype != np.uint8
-        or data.ndim != 2
-        or data.shape[1] != _CIFAR_PIXELS
-    ):
-        desc = (
-            f"{data.dtype} array of shape {data.shape}"
-            if isinstance(data, np.ndarray)
-            else type(data).__name__
-        )
-        raise ValueError(
-            f"data_dir: {path.name} has b'data' as {desc}; expected a uint8 array (N, {_CIFAR_PIXELS})"
-        )
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _CIFAR_PIXELS:
+        desc = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise ValueError(f"data_dir: {path.name} has b'data' as {desc}; expected a uint8 array (N, {_CIFAR_PIXELS})")
     try:
         labels = np.asarray(labels)
     except Exception as err:
         raise ValueError(f"data_dir: {path.name} has unreadable b'labels' ({err})") from err
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(
-            f"data_dir: {path.name} has b'labels' of dtype {labels.dtype} and shape {labels.shape}; "
-            "expected N integers"
+            f"data_dir: {path.name} has b'labels' of dtype {labels.dtype} and shape {labels.shape}; expected N integers"
         )
     labels = check_labels(labels, path.name, len(data))
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)

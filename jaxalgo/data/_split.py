@@ -15,8 +15,7 @@ def check_test_fraction(test_fraction: float) -> float:
     """Returns ``test_fraction`` as a float if it lies strictly between 0 and 1."""
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real):
         raise TypeError(
-            f"test_fraction: expected a float in (0, 1), got {test_fraction!r} "
-            f"of type {type(test_fraction).__name__}"
+            f"test_fraction: expected a float in (0, 1), got {test_fraction!r} of type {type(test_fraction).__name__}"
         )
     test_fraction = float(test_fraction)
     if not 0.0 < test_fraction < 1.0:

@@ -33,9 +33,7 @@ def _check_name(name: Any) -> None:
         raise ValueError(f"name: got unknown model {name!r}; allowed: {', '.join(MODELS)}")
 
 
-def build_model(
-    name: str, *, input_shape: tuple[int, ...], num_outputs: int, key: jax.Array, **options: Any
-) -> Chain:
+def build_model(name: str, *, input_shape: tuple[int, ...], num_outputs: int, key: jax.Array, **options: Any) -> Chain:
     """Builds the model called ``name``.
 
     Args:
@@ -57,7 +55,6 @@ def build_model(
     for option in options:
         if option not in allowed:
             raise TypeError(
-                f"{option}: got unknown option {option!r} for model {name!r}; allowed options: "
-                f"{', '.join(allowed)}"
+                f"{option}: got unknown option {option!r} for model {name!r}; allowed options: {', '.join(allowed)}"
             )
     return builder(input_shape, num_outputs, key=key, **options)

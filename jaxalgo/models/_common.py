@@ -53,9 +53,7 @@ def _is_int(value: Any) -> bool:
 def check_positive_int(value: Any, argument: str, *, minimum: int = 1) -> int:
     """Returns ``int(value)`` if it is an integer ``>= minimum``, else raises naming ``argument``."""
     if not _is_int(value):
-        raise TypeError(
-            f"{argument}: got {value!r} ({type(value).__name__}); expected an integer >= {minimum}"
-        )
+        raise TypeError(f"{argument}: got {value!r} ({type(value).__name__}); expected an integer >= {minimum}")
     if value < minimum:
         raise ValueError(f"{argument}: got {value!r}; expected an integer >= {minimum}")
     return int(value)
@@ -97,9 +95,7 @@ def check_input_shape(input_shape: Any, *, image: bool) -> tuple[int, ...]:
 def check_key(key: Any) -> jax.Array:
     """Checks that ``key`` is a JAX PRNG key (``jax.random.key(seed)`` or ``jax.random.PRNGKey(seed)``)."""
     if not isinstance(key, jax.Array):
-        raise TypeError(
-            f"key: got {key!r} ({type(key).__name__}); expected a JAX PRNG key such as jax.random.key(0)"
-        )
+        raise TypeError(f"key: got {key!r} ({type(key).__name__}); expected a JAX PRNG key such as jax.random.key(0)")
     typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
     if not (typed and key.shape == ()) and not (key.dtype == jnp.uint32 and key.shape == (2,)):
         raise ValueError(

@@ -29,9 +29,7 @@ class DenseBlock(nnx.Module):
       rngs: the random streams for the initialisation.
     """
 
-    def __init__(
-        self, in_features: int, out_features: int, *, activation: str, flatten: bool = False, rngs: nnx.Rngs
-    ):
+    def __init__(self, in_features: int, out_features: int, *, activation: str, flatten: bool = False, rngs: nnx.Rngs):
         self.linear = nnx.Linear(in_features, out_features, rngs=rngs)
         self.activation = check_activation(activation)
         self.flatten = flatten

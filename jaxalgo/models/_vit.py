@@ -202,8 +202,7 @@ def vit(
     mlp_dim = check_positive_int(mlp_dim, "mlp_dim")
     if dim % heads:
         raise ValueError(
-            f"dim: got {dim}, which is not divisible by heads={heads}; allowed: a multiple of heads "
-            f"(e.g. {heads * 16})"
+            f"dim: got {dim}, which is not divisible by heads={heads}; allowed: a multiple of heads (e.g. {heads * 16})"
         )
     rngs = nnx.Rngs(check_key(key))
 

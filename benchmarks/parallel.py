@@ -1,0 +1,159 @@
+"""DDP against DASO on 8 simulated CPU devices (2 nodes x 4): bytes per step by mesh level, and step times.
+
+For each program (the DDP step, and DASO's four phases, plain and with the sharded global average) the compiled
+HLO is read with ``jaxalgo.parallel.comm_report``: cross-node and node-local bytes as compiled (XLA:CPU runs bf16
+all-reduces in f32) and as requested (bf16 on the wire). DASO's per-step figures are averaged over one cycle of
+``global_skip`` steps (one send, one merge, the rest local). Step times are medians of repeated runs measured in
+this one process, reported as ratios to DDP; on simulated devices all "links" are memory copies on the same two
+cores, so the times show the computational overhead of each phase, not network savings.
+
+Runs with no arguments in about a minute; the last line is one JSON object of the figures.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import time
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+from jaxalgo import parallel as par  # noqa: E402
+from jaxalgo.grads import backprop  # noqa: E402
+
+SIZES = (784, 512, 512, 10)
+BATCH = 256
+GLOBAL_SKIP, WAIT = 4, 1
+REPEATS = 30
+
+
+def init_params(key):
+    params = []
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(SIZES)):
+        k = jax.random.fold_in(key, i)
+        params.append({"kernel": jax.random.normal(k, (n_in, n_out)) / jnp.sqrt(n_in), "bias": jnp.zeros(n_out)})
+    return params
+
+
+def loss_fn(params, batch):
+    h = batch["x"]
+    for i, layer in enumerate(params):
+        h = h @ layer["kernel"] + layer["bias"]
+        if i < len(params) - 1:
+            h = jax.nn.relu(h)
+    return optax.softmax_cross_entropy_with_integer_labels(h, batch["y"]).mean()
+
+
+def median_seconds(fn, state, *args):
+    for _ in range(3):
+        state, loss = fn(state, *args)
+    jax.block_until_ready(loss)
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        state, loss = fn(state, *args)
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main():
+    mesh = par.make_mesh((2, 4))
+    params = init_params(jax.random.key(0))
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    kx, ky = jax.random.split(jax.random.key(1))
+    batch = {"x": jax.random.normal(kx, (BATCH, SIZES[0])), "y": jax.random.randint(ky, (BATCH,), 0, SIZES[-1])}
+    batch = par.shard(batch, mesh)
+    run_key = par.replicate(jax.random.key(2), mesh)
+    estimator, optimizer = backprop(loss_fn), optax.sgd(0.01, momentum=0.9)
+
+    dp = par.data_parallel(estimator, mesh)
+
+    def ddp_step(state, batch, run_key):
+        step, params, opt_state = state
+        loss, grads, _ = dp.value_and_grad(params, (), batch, key=jax.random.fold_in(run_key, step))
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (step + 1, optax.apply_updates(params, updates), opt_state), loss
+
+    ddp_step = jax.jit(ddp_step, donate_argnums=0)
+    ddp_state = par.replicate((jnp.zeros((), jnp.int32), params, optimizer.init(params)), mesh)
+    ddp_report = par.comm_report(ddp_step, ddp_state, batch, run_key)
+    ddp_time = median_seconds(ddp_step, ddp_state, batch, run_key)
+    print(f"parameters: {n_params} ({4 * n_params} bytes in f32); mesh 2 nodes x 4 local devices; batch {BATCH}")
+    print(
+        f"DDP step: cross-node {ddp_report.cross_node_bytes} B, node-local {ddp_report.node_local_bytes} B, "
+        f"median {1e3 * ddp_time:.2f} ms"
+    )
+    print(ddp_report)
+
+    figures = {
+        "num_params": n_params,
+        "ddp": {
+            "cross_node_bytes": ddp_report.cross_node_bytes,
+            "node_local_bytes": ddp_report.node_local_bytes,
+            "step_ms": 1e3 * ddp_time,
+        },
+    }
+    cycle = [
+        par.daso_phase(
+            t,
+            steps_per_epoch=1000,
+            total_epochs=10,
+            global_skip=GLOBAL_SKIP,
+            batches_to_wait=WAIT,
+            config=par.DasoConfig(global_skip=GLOBAL_SKIP, batches_to_wait=WAIT),
+        )
+        for t in range(4 * 1000 + 4, 4 * 1000 + 4 + GLOBAL_SKIP)
+    ]
+    for sharded in (False, True):
+        name = "daso_sharded" if sharded else "daso"
+        config = par.DasoConfig(global_skip=GLOBAL_SKIP, batches_to_wait=WAIT, sharded=sharded)
+        d = par.daso(estimator, optimizer, mesh, config)
+        phases = {}
+        for phase in par.PHASES:
+            state = d.init(params)
+            report = par.comm_report(d.steps[phase], state, batch, run_key)
+            seconds = median_seconds(d.steps[phase], state, batch, run_key)
+            phases[phase] = {
+                "cross_node_bytes": report.cross_node_bytes,
+                "requested_cross_node_bytes": report.requested_cross_node_bytes,
+                "node_local_bytes": report.node_local_bytes,
+                "requested_node_local_bytes": report.requested_node_local_bytes,
+                "step_ms": 1e3 * seconds,
+                "time_vs_ddp": seconds / ddp_time,
+            }
+            print(
+                f"{name} {phase:8s}: cross-node {report.cross_node_bytes:8d} B (requested "
+                f"{report.requested_cross_node_bytes:8d} B), node-local {report.node_local_bytes:8d} B, "
+                f"median {1e3 * seconds:.2f} ms = {seconds / ddp_time:.2f} x DDP"
+            )
+        per_step = sum(phases[p]["cross_node_bytes"] for p in cycle) / GLOBAL_SKIP
+        requested = sum(phases[p]["requested_cross_node_bytes"] for p in cycle) / GLOBAL_SKIP
+        cycle_time = sum(phases[p]["step_ms"] for p in cycle) / GLOBAL_SKIP
+        figures[name] = {
+            "phases": phases,
+            "cycle": cycle,
+            "cross_node_bytes_per_step": per_step,
+            "requested_cross_node_bytes_per_step": requested,
+            "cross_node_ratio_vs_ddp": per_step / ddp_report.cross_node_bytes,
+            "requested_cross_node_ratio_vs_ddp": requested / ddp_report.cross_node_bytes,
+            "cycle_step_ms": cycle_time,
+            "cycle_time_vs_ddp": cycle_time / figures["ddp"]["step_ms"],
+        }
+        print(
+            f"{name}: cycle {cycle}, cross-node bytes per step {per_step:.0f} = "
+            f"{per_step / ddp_report.cross_node_bytes:.4f} x DDP as compiled, "
+            f"{requested / ddp_report.cross_node_bytes:.4f} x DDP as requested (bf16); "
+            f"mean step time {cycle_time / figures['ddp']['step_ms']:.2f} x DDP"
+        )
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""How the training loop runs a step: on one device, data-parallel (DDP) or with DASO.
+
+``jaxalgo.train`` asks :func:`make_runner` for a runner and then only calls its hooks, so the loop itself is the
+same for all three:
+
+- ``init(fresh_state)``: the train state placed where the step expects it (also the target checkpoints are
+  restored into, so DASO's in-flight average and schedule are saved and restored with everything else);
+- ``step(state, batch, step_index) -> (state, loss)``: one training step (DASO picks its phase from the index);
+- ``end_epoch(state, epoch, train_loss) -> state``: DASO's plateau-driven schedule update;
+- ``eval_params(state)``: the parameters to evaluate, on the host (DASO: the average over nodes);
+- ``epoch_metrics()``: extra fields for the epoch's metrics line (DASO: the schedule and the phases run).
+
+In a multi-process run every process iterates the same global batches and keeps the pieces for its own devices;
+only process 0 writes metrics.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
+
+from jaxalgo.config import TrainConfig
+from jaxalgo.parallel._daso import DasoConfig, DasoTrainState, daso, update_schedule
+from jaxalgo.parallel._data_parallel import data_parallel
+from jaxalgo.parallel._mesh import check_divisible, make_mesh, parse_mesh_shape, place, replicate, shard
+
+PARALLEL_MODES: tuple[str, ...] = ("none", "ddp", "daso")
+
+
+def daso_config_from(config: TrainConfig) -> DasoConfig:
+    """The :class:`DasoConfig` of a run's ``daso_*`` fields (validated by its constructor)."""
+    return DasoConfig(
+        global_skip=config.daso_global_skip,
+        batches_to_wait=config.daso_batches_to_wait,
+        warmup_epochs=config.daso_warmup_epochs,
+        cooldown_epochs=config.daso_cooldown_epochs,
+        merge_weight=config.daso_merge_weight,
+        max_global_skip=config.daso_max_global_skip,
+        comm_dtype=config.daso_comm_dtype,
+        sharded=config.daso_sharded,
+        adaptive=config.daso_adaptive,
+    )
+
+
+def mesh_for(config: TrainConfig):
+    """The mesh of a run: ``config.mesh`` (e.g. ``"2x4"``) or one node per process; ``("node", "local")`` axes."""
+    shape = parse_mesh_shape(config.mesh) if config.mesh else None
+    if shape is not None and len(shape) != 2:
+        raise ValueError(f"mesh: expected two sizes NODESxLOCAL such as '2x4', got {config.mesh!r}")
+    return make_mesh(shape)
+
+
+def check_parallel_config(config: TrainConfig) -> None:
+    """Raises ValueError (naming the field) for a parallel configuration that cannot run on these devices."""
+    if config.parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel: unknown mode {config.parallel!r}; allowed: {', '.join(PARALLEL_MODES)}")
+    if config.parallel == "none":
+        if config.mesh:
+            raise ValueError(f"mesh: {config.mesh!r} is given but parallel is 'none'; use --parallel ddp or daso")
+        return
+    mesh = mesh_for(config)
+    check_divisible(config.batch_size, mesh)
+    if config.parallel == "daso":
+        daso_config_from(config)
+
+
+class SingleDeviceRunner:
+    """The plain jit-compiled step of :func:`jaxalgo.train.make_train_step`."""
+
+    is_primary = True
+
+    def __init__(self, experiment: Any):
+        from jaxalgo.train import make_train_step
+
+        self._step = make_train_step(experiment.estimator, experiment.optimizer)
+        self._run_key = experiment.run_key
+
+    def init(self, fresh: Any) -> Any:
+        return fresh
+
+    def step(self, state: Any, batch: Any, step_index: int) -> tuple[Any, jax.Array]:
+        del step_index
+        return self._step(state, batch, self._run_key)
+
+    def end_epoch(self, state: Any, epoch: int, train_loss: float) -> Any:
+        return state
+
+    def eval_params(self, state: Any) -> Any:
+        return state.params
+
+    def epoch_metrics(self) -> dict[str, Any]:
+        return {}
+
+
+def _host(tree: Any) -> Any:
+    """A replicated global tree as host numpy arrays (works with several processes)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
+
+
+class DataParallelRunner(SingleDeviceRunner):
+    """DDP: the training step of :func:`jaxalgo.train.make_train_step` on a data-parallel estimator."""
+
+    def __init__(self, experiment: Any):
+        from jaxalgo.train import make_train_step
+
+        self.mesh = mesh_for(experiment.config)
+        estimator = data_parallel(experiment.estimator, self.mesh)
+        self._step = make_train_step(estimator, experiment.optimizer)
+        self._run_key = replicate(experiment.run_key, self.mesh)
+        self.is_primary = jax.process_index() == 0
+
+    def init(self, fresh: Any) -> Any:
+        return replicate(fresh, self.mesh)
+
+    def step(self, state: Any, batch: Any, step_index: int) -> tuple[Any, jax.Array]:
+        del step_index
+        return self._step(state, shard(batch, self.mesh), self._run_key)
+
+    def eval_params(self, state: Any) -> Any:
+        return _host(state.params)
+
+
+class DasoRunner:
+    """DASO: per-phase steps chosen on the host from the step index and the schedule kept in the state."""
+
+    def __init__(self, experiment: Any):
+        config = experiment.config
+        self.mesh = mesh_for(config)
+        self.config = daso_config_from(config)
+        self.daso = daso(experiment.estimator, experiment.optimizer, self.mesh, self.config)
+        self._run_key = replicate(experiment.run_key, self.mesh)
+        self._steps_per_epoch = experiment.steps_per_epoch
+        self._epochs = config.epochs
+        self._schedule = None
+        self._epoch_schedule = None
+        self._phases: collections.Counter[str] = collections.Counter()
+        self._mean = jax.jit(jnp.mean)
+        self.is_primary = jax.process_index() == 0
+
+    def init(self, fresh: Any) -> DasoTrainState:
+        return self.daso.init(fresh.params)
+
+    def _schedule_of(self, state: DasoTrainState):
+        if self._schedule is None:
+            self._schedule = _host(state.daso.schedule)
+        return self._schedule
+
+    def step(self, state: DasoTrainState, batch: Any, step_index: int) -> tuple[DasoTrainState, jax.Array]:
+        phase = self.daso.phase(
+            step_index,
+            steps_per_epoch=self._steps_per_epoch,
+            total_epochs=self._epochs,
+            schedule=self._schedule_of(state),
+        )
+        if not self._phases:
+            self._epoch_schedule = self._schedule
+        self._phases[phase] += 1
+        state, loss_per_node = self.daso.steps[phase](state, shard(batch, self.mesh), self._run_key)
+        return state, self._mean(loss_per_node)
+
+    def end_epoch(self, state: DasoTrainState, epoch: int, train_loss: float) -> DasoTrainState:
+        """Updates the schedule from the epoch's mean loss, summed in the state (exact across a resume)."""
+        del train_loss  # the loop's value covers only the steps since a resume
+        loss_sum = multihost_utils.process_allgather(state.daso.loss_sum, tiled=True)
+        epoch_loss = float(np.mean(loss_sum)) / self._steps_per_epoch
+        schedule = update_schedule(
+            self._schedule_of(state), epoch=epoch, train_loss=epoch_loss, total_epochs=self._epochs, config=self.config
+        )
+        self._schedule = _host(schedule)
+        daso_state = state.daso._replace(
+            schedule=replicate(schedule, self.mesh),
+            loss_sum=place(jnp.zeros_like(loss_sum), self.mesh, P(self.daso.node_axis)),
+        )
+        return state._replace(daso=daso_state)
+
+    def eval_params(self, state: DasoTrainState) -> Any:
+        return _host(self.daso.consensus(state.params))
+
+    def epoch_metrics(self) -> dict[str, Any]:
+        """The schedule this epoch ran with and how many steps ran each phase."""
+        schedule = self._epoch_schedule
+        record = {
+            "daso_global_skip": None if schedule is None else int(schedule.global_skip),
+            "daso_batches_to_wait": None if schedule is None else int(schedule.batches_to_wait),
+            "daso_phases": dict(sorted(self._phases.items())),
+        }
+        self._phases.clear()
+        return record
+
+
+def make_runner(experiment: Any) -> SingleDeviceRunner | DataParallelRunner | DasoRunner:
+    """The runner for ``experiment.config.parallel``: ``"none"``, ``"ddp"`` or ``"daso"``."""
+    mode = experiment.config.parallel
+    if mode == "ddp":
+        return DataParallelRunner(experiment)
+    if mode == "daso":
+        return DasoRunner(experiment)
+    return SingleDeviceRunner(experiment)
+
+
+__all__ = [
+    "PARALLEL_MODES",
+    "DasoRunner",
+    "DataParallelRunner",
+    "SingleDeviceRunner",
+    "check_parallel_config",
+    "daso_config_from",
+    "make_runner",
+    "mesh_for",
+]
