@@ -38,6 +38,7 @@ class TrainConfig:
       keep_checkpoints: how many checkpoints to keep.
       log_every: steps between progress-bar updates (and finite-loss checks).
       quiet: no progress bar and no table.
+      tangents: number of tangents k of the forward-gradient estimators (>= 1).
     """
 
     model: str = "mlp"
@@ -58,6 +59,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     quiet: bool = False
+    tangents: int = 16
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -104,6 +106,8 @@ def validate_config(config: TrainConfig) -> None:
         raise ValueError(f"keep_checkpoints: must be >= 1, got {config.keep_checkpoints!r}")
     if config.log_every < 1:
         raise ValueError(f"log_every: must be >= 1, got {config.log_every!r}")
+    if isinstance(config.tangents, bool) or not isinstance(config.tangents, int) or config.tangents < 1:
+        raise ValueError(f"tangents: must be an integer >= 1, got {config.tangents!r}")
     if not 0.0 < config.test_fraction < 1.0:
         raise ValueError(f"test_fraction: must be in (0, 1), got {config.test_fraction!r}")
 
