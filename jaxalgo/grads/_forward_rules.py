@@ -21,7 +21,9 @@ Rules here:
 - ``conv_general_dilated`` with the kernel factored as (out channels) x (spatial, in channels), no feature or
   batch groups: the ``k`` single-output-channel kernels ``b_i`` are stacked into one conv with ``k`` output
   channels, and output channel ``o`` of tangent ``i`` is that conv's channel ``i`` scaled by ``a_i[o]``.
-- ``transpose``, ``convert_element_type``, ``copy``: the factors follow the array symbolically.
+- ``transpose``, ``convert_element_type``, ``copy`` and ``reshape`` that only inserts or drops axes of length 1:
+  the factors follow the array symbolically. Other reshapes of a weight materialise its tangent.
+- ``add``, ``sub``: the output tangent is dense anyway; the (small) weight tangent is multiplied out.
 """
 
 from __future__ import annotations
@@ -103,6 +105,39 @@ def _convert_rule(primals, index, tangent, params):
     return tangent.astype(dtype)
 
 
+def _reshape_rule(primals, index, tangent, params):
+    """Reshapes that only insert or drop axes of length 1 (broadcasting a bias, squeezing): factors follow."""
+    if params.get("dimensions") is not None:
+        return None
+    old, new = tangent.shape, tuple(params["new_sizes"])
+    old_axes = [ax for ax, size in enumerate(old) if size != 1]
+    new_axes = [ax for ax, size in enumerate(new) if size != 1]
+    if [old[ax] for ax in old_axes] != [new[ax] for ax in new_axes]:
+        return None
+    moved = dict(zip(old_axes, new_axes, strict=True))
+    groups, factors = [], []
+    for group, factor in zip(tangent.groups, tangent.factors, strict=True):
+        kept = [i for i, ax in enumerate(group) if old[ax] != 1]
+        factors.append(factor.reshape((factor.shape[0], *[factor.shape[1 + i] for i in kept])))
+        groups.append([moved[group[i]] for i in kept])
+    unit_axes = [ax for ax, size in enumerate(new) if size == 1]
+    groups[0] += unit_axes
+    factors[0] = factors[0].reshape(factors[0].shape + (1,) * len(unit_axes))
+    return FactoredTangent(tuple(factors), tuple(tuple(g) for g in groups), new)
+
+
+def _add_rule(primals, index, tangent, params):
+    """``x + W``: the output tangent is as large as the output whatever the tangent, so the factors are multiplied
+    out here (``k`` times the size of ``W``, at most the size of the output tangent)."""
+    shape = jnp.broadcast_shapes(*[jnp.shape(p) for p in primals])
+    return jnp.broadcast_to(tangent.materialize(), (tangent.num_tangents, *shape))
+
+
+def _sub_rule(primals, index, tangent, params):
+    out = _add_rule(primals, index, tangent, params)
+    return -out if index == 1 else out
+
+
 def _identity_rule(primals, index, tangent, params):
     return tangent
 
@@ -111,7 +146,11 @@ RULES: dict[str, Rule] = {
     "dot_general": _dot_general_rule,
     "conv_general_dilated": _conv_rule,
     "transpose": _transpose_rule,
+    "reshape": _reshape_rule,
     "convert_element_type": _convert_rule,
+    "add": _add_rule,
+    "add_any": _add_rule,
+    "sub": _sub_rule,
     "copy": _identity_rule,
     "copy_p": _identity_rule,
 }
