@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import jax
@@ -26,7 +27,7 @@ def normal(seed, shape, scale=1.0):
 
 def make_problem(sizes=(5, 6, 3), batch=8, seed=0):
     params = {}
-    for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (m, n) in enumerate(itertools.pairwise(sizes)):
         params[f"w{i}"] = normal(seed + 2 * i, (m, n), 1 / math.sqrt(m))
         params[f"b{i}"] = normal(seed + 2 * i + 1, (n,), 0.1)
     data = {"x": normal(seed + 50, (batch, sizes[0])), "y": normal(seed + 51, (batch, sizes[-1]))}
