@@ -10,6 +10,7 @@ JSON object with the figures.
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import time
@@ -28,7 +29,7 @@ REPEATS = 7
 
 def init_params(key):
     params = []
-    for i, (m, n) in enumerate(zip(SIZES[:-1], SIZES[1:], strict=True)):
+    for i, (m, n) in enumerate(itertools.pairwise(SIZES)):
         w = jax.random.normal(jax.random.fold_in(key, i), (m, n)) / np.sqrt(m)
         params.append({"kernel": w, "bias": jnp.zeros(n)})
     return tuple(params)
