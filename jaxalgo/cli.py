@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--data-dir", default=DEFAULTS.data_dir, help="directory with local files (mnist, fashion_mnist, cifar10)")
     add("--estimator", default=DEFAULTS.estimator, help=f"gradient estimator: {', '.join(ESTIMATORS)}")
     add("--optimizer", default=DEFAULTS.optimizer, help=f"optax optimizer: {', '.join(OPTIMIZERS)}")
+    add("--tangents", type=int, default=DEFAULTS.tangents, help="forward gradients: number of tangents k")
     add("--lr", type=float, default=DEFAULTS.lr, help="learning rate (> 0)")
     add("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="weight decay (>= 0)")
     add("--epochs", type=int, default=DEFAULTS.epochs, help="passes over the training split")

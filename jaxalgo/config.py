@@ -55,6 +55,7 @@ class TrainConfig:
       daso_comm_dtype: wire dtype of DASO's global average (bfloat16, float16, float32).
       daso_sharded: Horovod-style sharded global average (cross-node bytes / devices per node).
       daso_adaptive: adapt global_skip and S on plateaus of the epoch loss.
+      tangents: number of tangents k of the forward-gradient estimators (>= 1).
     """
 
     model: str = "mlp"
@@ -92,6 +93,7 @@ class TrainConfig:
     daso_comm_dtype: str = "bfloat16"
     daso_sharded: bool = False
     daso_adaptive: bool = True
+    tangents: int = 16
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -139,9 +141,9 @@ def validate_config(config: TrainConfig) -> None:
     if config.log_every < 1:
         raise ValueError(f"log_every: must be >= 1, got {config.log_every!r}")
     if config.lowrank != "none" and config.parallel != "none":
-        raise ValueError(
-            f"lowrank: {config.lowrank!r} runs on one device only; got parallel={config.parallel!r} (use parallel='none')"
-        )
+        raise ValueError(f"lowrank: {config.lowrank!r} runs on one device only; got parallel={config.parallel!r}")
+    if isinstance(config.tangents, bool) or not isinstance(config.tangents, int) or config.tangents < 1:
+        raise ValueError(f"tangents: must be an integer >= 1, got {config.tangents!r}")
     if not 0.0 < config.test_fraction < 1.0:
         raise ValueError(f"test_fraction: must be in (0, 1), got {config.test_fraction!r}")
     from jaxalgo.lowrank import oialr_config_from_train_config

@@ -1,5 +1,19 @@
 """Gradient estimators behind one interface: ``init(params)`` and ``value_and_grad(params, state, batch, *, key)``."""
 
 from jaxalgo.grads._estimator import EmptyState, Estimator, backprop
+from jaxalgo.grads._rank1 import (
+    Rank1ForwardGradient,
+    rank1_directional,
+    rank1_fallbacks,
+    rank1_forward_gradient,
+)
 
-__all__ = ["EmptyState", "Estimator", "backprop"]
+__all__ = [
+    "EmptyState",
+    "Estimator",
+    "Rank1ForwardGradient",
+    "backprop",
+    "rank1_directional",
+    "rank1_fallbacks",
+    "rank1_forward_gradient",
+]
