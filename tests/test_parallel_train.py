@@ -82,7 +82,7 @@ def test_bad_parallel_configuration_fails_before_training(tmp_path, changes, mes
 
 def test_cli_trains_daso_on_simulated_devices(tmp_path):
     command = [sys.executable, "-m", "jaxalgo", "train", "--quiet", "--devices", "8", "--parallel", "daso"]
-    command += ["--mesh", "2x4", "--hidden", "16", "--epochs", "1", "--daso-warmup-epochs", "1"]
+    command += ["--mesh", "2x4", "--hidden", "64", "--lr", "1e-2", "--epochs", "1", "--daso-warmup-epochs", "1"]
     command += ["--daso-sharded", "--workdir", str(tmp_path / "cli")]
     env = {**os.environ, "PYTHONPATH": REPO}
     env.pop("XLA_FLAGS", None)
