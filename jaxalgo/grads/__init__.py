@@ -1,6 +1,6 @@
 """Gradient estimators behind one interface: ``init(params)`` and ``value_and_grad(params, state, batch, *, key)``."""
 
-from jaxalgo.grads._estimator import EmptyState, Estimator, backprop
+from jaxalgo.grads._estimator import DirectionalSplit, EmptyState, Estimator, backprop
 from jaxalgo.grads._rank1 import (
     Rank1ForwardGradient,
     rank1_directional,
@@ -9,6 +9,7 @@ from jaxalgo.grads._rank1 import (
 )
 
 __all__ = [
+    "DirectionalSplit",
     "EmptyState",
     "Estimator",
     "Rank1ForwardGradient",

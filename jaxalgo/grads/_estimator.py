@@ -33,12 +33,33 @@ class ValueAndGradFn(Protocol):
     ) -> tuple[Any, Params, EstimatorState]: ...
 
 
+class DirectionalSplit(NamedTuple):
+    """The two halves of a weight-perturbation forward-gradient step, for data-parallel use.
+
+    ``loss, d = directional_derivatives(params, batch, key=key)`` needs the batch;
+    ``grads = estimate_from_directional(params, d, key=key)`` needs only ``d`` (shape (k,)) and the same key.
+    Since ``d_i = <grad f, v_i>`` is linear in a loss that averages over the batch, data-parallel workers
+    all-reduce (average) only the ``k`` numbers ``d`` (and the loss) between the two calls; every worker then
+    forms the same estimate from the same tangents.
+    """
+
+    directional_derivatives: Callable[..., tuple[Any, jax.Array]]
+    estimate_from_directional: Callable[..., Any]
+
+
 class Estimator(NamedTuple):
     """A gradient estimator: ``init(params) -> state`` and
-    ``value_and_grad(params, state, batch, *, key) -> (loss, grads, state)``."""
+    ``value_and_grad(params, state, batch, *, key) -> (loss, grads, state)``.
+
+    ``split`` is set by stateless weight-perturbation forward-gradient estimators: their step is
+    ``split.directional_derivatives`` followed by ``split.estimate_from_directional`` (see
+    :class:`DirectionalSplit`), which lets data parallelism move ``k`` numbers instead of ``n``. ``None`` for
+    every other estimator.
+    """
 
     init: InitFn
     value_and_grad: ValueAndGradFn
+    split: DirectionalSplit | None = None
 
 
 class EmptyState(NamedTuple):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jaxalgo.grads import _combine
 from jaxalgo.grads._estimator import (
     Batch,
+    DirectionalSplit,
     EmptyState,
     Estimator,
     Params,
@@ -43,17 +44,8 @@ from jaxalgo.grads._rank1_tangents import FactoredTangent, combine, gram_matrix,
 BATCHINGS: tuple[str, ...] = ("vmap", "scan")
 
 
-class Rank1ForwardGradient(NamedTuple):
-    """The two halves of a rank-1 forward-gradient step, for data-parallel use.
-
-    ``loss, d = directional_derivatives(params, batch, key=key)`` needs the batch;
-    ``grads = estimate_from_directional(params, d, key=key)`` needs only ``d`` (shape (k,)) and the same key.
-    Since ``d`` is linear in a loss that averages over the batch, data-parallel workers all-reduce (average) only
-    the ``k`` numbers ``d`` (and the loss) between the two calls; every worker then forms the same estimate.
-    """
-
-    directional_derivatives: Callable[..., tuple[Any, jax.Array]]
-    estimate_from_directional: Callable[..., Params]
+Rank1ForwardGradient = DirectionalSplit
+"""The split form of a rank-1 step (an alias of :class:`~jaxalgo.grads.DirectionalSplit`)."""
 
 
 def _check_options(num_tangents: Any, aggregation: Any, batching: Any) -> None:
@@ -209,7 +201,7 @@ def rank1_forward_gradient(
         grads = parts.estimate_from_directional(params, d, key=key)
         return loss, grads, state
 
-    return Estimator(init, value_and_grad)
+    return Estimator(init, value_and_grad, parts)
 
 
 def rank1_fallbacks(loss_fn: Callable[..., Any], params: Params, batch: Batch) -> list[str]:
