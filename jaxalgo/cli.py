@@ -96,8 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_parallel_flags(train: argparse.ArgumentParser) -> None:
     group = train.add_argument_group("data parallelism (jaxalgo.parallel)")
     add = group.add_argument
-    add("--parallel", default=DEFAULTS.parallel, help="none, ddp (all-reduce every step) or daso")
-    add("--mesh", default=DEFAULTS.mesh, help="devices as NODESxLOCAL, e.g. 2x4 (default: one node per process)")
+    add("--parallel", default=DEFAULTS.parallel, help="none, ddp (all-reduce every step), daso or ab (AB-training)")
+    add(
+        "--mesh",
+        default=DEFAULTS.mesh,
+        help="devices as NODESxLOCAL, e.g. 2x4 (default: one node per process); ab: GROUPSxGROUP_SIZE",
+    )
     add("--daso-global-skip", type=int, default=DEFAULTS.daso_global_skip, help="steps between global averages")
     add("--daso-batches-to-wait", type=int, default=DEFAULTS.daso_batches_to_wait, help="S: steps until the merge")
     add("--daso-warmup-epochs", type=int, default=DEFAULTS.daso_warmup_epochs, help="blocking epochs at the start")
@@ -112,6 +116,23 @@ def _add_parallel_flags(train: argparse.ArgumentParser) -> None:
         default=DEFAULTS.daso_adaptive,
         help="adapt global_skip and S on loss plateaus",
     )
+    add("--ab-warmup-steps", type=int, default=DEFAULTS.ab_warmup_steps, help="AB: full-rank steps before groups")
+    add(
+        "--ab-steps-between-syncs",
+        type=int,
+        default=DEFAULTS.ab_steps_between_syncs,
+        help="AB: steps per cycle (sync, DDP steps, re-SVD, group phase)",
+    )
+    add(
+        "--ab-ddp-steps-after-sync",
+        type=int,
+        default=DEFAULTS.ab_ddp_steps_after_sync,
+        help="AB: full-rank data-parallel steps after each sync",
+    )
+    add("--ab-sync-mode", default=DEFAULTS.ab_sync_mode, help="AB: full, with-stale, only-learned or only-b")
+    add("--ab-cutoff", type=float, default=DEFAULTS.ab_cutoff, help="AB: keep singular values >= cutoff * s_0")
+    add("--ab-lr-rebound-steps", type=int, default=DEFAULTS.ab_lr_rebound_steps, help="AB: learning-rate ramp steps")
+    add("--ab-bucket-ratio", type=float, default=DEFAULTS.ab_bucket_ratio, help="AB: rank bucket ratio (1: exact)")
     add("--devices", type=int, default=None, help="simulated CPU devices per process (set before jax starts)")
     add("--coordinator", default=None, help="multi-process: HOST:PORT of process 0 (or SLURM / Open MPI env)")
     add("--num-processes", type=int, default=None, help="multi-process: number of processes")

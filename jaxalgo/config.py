@@ -44,8 +44,9 @@ class TrainConfig:
       lowrank_cutoff: OIALR relative singular-value cutoff, in (0, 1).
       lowrank_bucket_ratio: ratio between rank buckets (>= 1; 1 = exact shapes, a re-compilation per cut).
       lowrank_rotate_moments: rotate the optimizer moments of S with the bases at each stability check.
-      parallel: data parallelism: "none" (one device), "ddp" (gradient all-reduce every step) or "daso".
-      mesh: devices as NODESxLOCAL, e.g. "2x4" (default with ddp/daso: one node per process).
+      parallel: data parallelism: "none" (one device), "ddp" (gradient all-reduce every step), "daso" or "ab".
+      mesh: devices as NODESxLOCAL, e.g. "2x4" (default with ddp/daso: one node per process; with ab: GROUPSxGROUP_SIZE,
+        default two groups).
       daso_global_skip: DASO steps between global averages after the warm-up (>= 1).
       daso_batches_to_wait: DASO's S, steps until a global average is merged (0 <= S < daso_global_skip).
       daso_warmup_epochs: DASO epochs with a blocking global average every step at the start.
@@ -55,6 +56,13 @@ class TrainConfig:
       daso_comm_dtype: wire dtype of DASO's global average (bfloat16, float16, float32).
       daso_sharded: Horovod-style sharded global average (cross-node bytes / devices per node).
       daso_adaptive: adapt global_skip and S on plateaus of the epoch loss.
+      ab_warmup_steps: AB-training: full-rank data-parallel steps before the first group phase (>= 0).
+      ab_steps_between_syncs: AB-training: steps per cycle (sync, data-parallel steps, re-SVD, group phase).
+      ab_ddp_steps_after_sync: AB-training: full-rank data-parallel steps after each sync (<= steps between syncs).
+      ab_sync_mode: AB-training sync: "full", "with-stale", "only-learned" or "only-b".
+      ab_cutoff: AB-training rank cut: keep singular values >= cutoff * s_0, in (0, 1).
+      ab_lr_rebound_steps: AB-training: steps of the learning-rate ramp after each transition (0: none).
+      ab_bucket_ratio: AB-training: ratio of the zero-padded rank buckets (1 = exact shapes).
       tangents: number of tangents k of the forward-gradient estimators (>= 1).
     """
 
@@ -93,6 +101,13 @@ class TrainConfig:
     daso_comm_dtype: str = "bfloat16"
     daso_sharded: bool = False
     daso_adaptive: bool = True
+    ab_warmup_steps: int = 50
+    ab_steps_between_syncs: int = 20
+    ab_ddp_steps_after_sync: int = 1
+    ab_sync_mode: str = "full"
+    ab_cutoff: float = 0.15
+    ab_lr_rebound_steps: int = 5
+    ab_bucket_ratio: float = 1.25
     tangents: int = 16
 
     def to_dict(self) -> dict[str, Any]:

@@ -305,6 +305,8 @@ def _initial_state(
     check_record_matches(record, experiment.config.fingerprint(), checkpointer.directory)
     if lowrank_hook is not None:  # the checkpoint may hold factorised, rank-cut arrays
         fresh = lowrank_hook.restore_target(record, fresh)
+    elif hasattr(runner, "restore_target"):  # AB-training: factors stored at the checkpoint's ranks
+        fresh = runner.restore_target(record, fresh)
     state = checkpointer.restore(latest, fresh)
     if runner.is_primary:
         _trim_metrics(metrics_path, latest)
@@ -346,6 +348,8 @@ def _run(
         }
         if lowrank_hook is not None:
             record.update(lowrank_hook.record())
+        if hasattr(runner, "record"):
+            record.update(runner.record(state))
         checkpointer.save(step, state, record)
 
     def check_finite(loss: jax.Array, step: int) -> float:
@@ -434,10 +438,13 @@ def load_final_params(workdir: str | os.PathLike, config: TrainConfig) -> TrainS
         latest = checkpointer.latest_step()
         if latest is None:
             raise FileNotFoundError(f"workdir: no checkpoint in {os.fspath(workdir)!r}")
-        like = _make_runner(experiment).init(experiment.init_state())
+        runner = _make_runner(experiment)
+        like = runner.init(experiment.init_state())
         lowrank_hook = _lowrank_hook(experiment, os.devnull)
         if lowrank_hook is not None:  # factorised, rank-cut shapes recorded in the checkpoint
             like = lowrank_hook.restore_target(checkpointer.read_record(latest), like)
+        elif hasattr(runner, "restore_target"):
+            like = runner.restore_target(checkpointer.read_record(latest), like)
         return checkpointer.restore(latest, like)
     finally:
         checkpointer.close()

@@ -300,6 +300,11 @@ class ABTrainState(NamedTuple):
     ranks: Any
     loss_sum: jax.Array
 
+    @property
+    def params(self) -> Any:
+        """The trained tree (parameters and factors); what the training loop checks for finite values."""
+        return self.train
+
 
 def _resize(x: jax.Array, axis: int, size: int) -> jax.Array:
     """Slices or zero-pads ``x`` along ``axis`` to ``size``."""

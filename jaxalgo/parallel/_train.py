@@ -26,11 +26,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from jaxalgo.config import TrainConfig
+from jaxalgo.parallel._ab import AB_AXES, ABConfig, ABTrainState, ab_schedule, ab_training, check_ab_mesh, lr_factor
 from jaxalgo.parallel._daso import DasoConfig, DasoTrainState, daso, update_schedule
 from jaxalgo.parallel._data_parallel import data_parallel
 from jaxalgo.parallel._mesh import check_divisible, make_mesh, parse_mesh_shape, place, replicate, shard
 
-PARALLEL_MODES: tuple[str, ...] = ("none", "ddp", "daso")
+PARALLEL_MODES: tuple[str, ...] = ("none", "ddp", "daso", "ab")
 
 
 def daso_config_from(config: TrainConfig) -> DasoConfig:
@@ -48,11 +49,37 @@ def daso_config_from(config: TrainConfig) -> DasoConfig:
     )
 
 
+def ab_config_from(config: TrainConfig) -> ABConfig:
+    """The :class:`ABConfig` of a run's ``ab_*`` fields (validated by its constructor)."""
+    return ABConfig(
+        warmup_steps=config.ab_warmup_steps,
+        steps_between_syncs=config.ab_steps_between_syncs,
+        ddp_steps_after_sync=config.ab_ddp_steps_after_sync,
+        sync_mode=config.ab_sync_mode,
+        cutoff=config.ab_cutoff,
+        lr_rebound_steps=config.ab_lr_rebound_steps,
+        bucket_ratio=config.ab_bucket_ratio,
+    )
+
+
 def mesh_for(config: TrainConfig):
-    """The mesh of a run: ``config.mesh`` (e.g. ``"2x4"``) or one node per process; ``("node", "local")`` axes."""
+    """The mesh of a run: ``config.mesh`` (e.g. ``"2x4"``) or one node per process; ``("node", "local")`` axes.
+
+    AB-training (``parallel="ab"``) reads the mesh as GROUPSxGROUP_SIZE with axes ``("group", "dp")``; its default
+    is two groups.
+    """
     shape = parse_mesh_shape(config.mesh) if config.mesh else None
     if shape is not None and len(shape) != 2:
-        raise ValueError(f"mesh: expected two sizes NODESxLOCAL such as '2x4', got {config.mesh!r}")
+        raise ValueError(f"mesh: expected two sizes such as '2x4', got {config.mesh!r}")
+    if config.parallel == "ab":
+        if shape is None:
+            count = len(jax.devices())
+            if count % 2:
+                raise ValueError(f"mesh: AB-training needs an even number of groups; {count} devices cannot form two")
+            shape = (2, count // 2)
+        mesh = make_mesh(shape, AB_AXES)
+        check_ab_mesh(mesh, config.ab_sync_mode)
+        return mesh
     return make_mesh(shape)
 
 
@@ -68,6 +95,8 @@ def check_parallel_config(config: TrainConfig) -> None:
     check_divisible(config.batch_size, mesh)
     if config.parallel == "daso":
         daso_config_from(config)
+    if config.parallel == "ab":
+        ab_config_from(config)
 
 
 class SingleDeviceRunner:
@@ -194,9 +223,79 @@ class DasoRunner:
         return record
 
 
-def make_runner(experiment: Any) -> SingleDeviceRunner | DataParallelRunner | DasoRunner:
-    """The runner for ``experiment.config.parallel``: ``"none"``, ``"ddp"`` or ``"daso"``."""
+class ABRunner:
+    """AB-training: the host runs the schedule's transitions (sync, re-SVD) and picks each step's program."""
+
+    def __init__(self, experiment: Any):
+        config = experiment.config
+        self.mesh = mesh_for(config)
+        self.config = ab_config_from(config)
+        self.ab = ab_training(
+            experiment.estimator,
+            experiment.optimizer,
+            self.mesh,
+            experiment.chain,
+            experiment.init_params,
+            self.config,
+            lr=config.lr,
+        )
+        self._run_key = replicate(experiment.run_key, self.mesh)
+        self._lr = config.lr
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._state: ABTrainState | None = None
+        self._mean = jax.jit(jnp.mean)
+        self.is_primary = jax.process_index() == 0
+
+    def init(self, fresh: Any) -> ABTrainState:
+        return self.ab.init(fresh.params)
+
+    def record(self, state: ABTrainState) -> dict[str, Any]:
+        """What a checkpoint needs beyond the arrays: the stored size of each layer's factors."""
+        return {"ab_sizes": self.ab.sizes(state)}
+
+    def restore_target(self, record: dict[str, Any], fresh: ABTrainState) -> ABTrainState:
+        """A state with the factor shapes the checkpoint was written with."""
+        sizes = record.get("ab_sizes")
+        if sizes is None or sizes == self.ab.sizes(fresh):
+            return fresh
+        return self.ab.resize(fresh, sizes)
+
+    def step(self, state: ABTrainState, batch: Any, step_index: int) -> tuple[ABTrainState, jax.Array]:
+        events, phase = ab_schedule(step_index, self.config)
+        for event in events:
+            state = self.ab.sync(state) if event == "sync" else self.ab.factorize(state)
+            self._counts[event] += 1
+        self._counts[phase] += 1
+        factor = lr_factor(step_index, self.config, self._lr)
+        state, loss_per_group = self.ab.steps[phase](state, shard(batch, self.mesh), self._run_key, factor)
+        self._state = state
+        return state, self._mean(loss_per_group)
+
+    def end_epoch(self, state: ABTrainState, epoch: int, train_loss: float) -> ABTrainState:
+        return state
+
+    def eval_params(self, state: ABTrainState) -> Any:
+        """The merged model: while the groups train their own factors, the result of a sync (state unchanged)."""
+        step = int(jax.device_get(state.step))
+        live = step > 0 and ab_schedule(step - 1, self.config)[1] == "group"
+        return self.ab.consensus(state, live)
+
+    def epoch_metrics(self) -> dict[str, Any]:
+        """Steps per phase and transitions this epoch, the ranks and the compression ratio."""
+        record: dict[str, Any] = {"ab_counts": dict(sorted(self._counts.items()))}
+        self._counts.clear()
+        if self._state is not None:
+            ranks = jax.device_get(self._state.ranks)
+            record["ab_ranks"] = {k: int(v) for k, v in ranks.items()}
+            record["ab_compression_ratio"] = self.ab.compression(self._state)["compression_ratio"]
+        return record
+
+
+def make_runner(experiment: Any) -> SingleDeviceRunner | DataParallelRunner | DasoRunner | ABRunner:
+    """The runner for ``experiment.config.parallel``: ``"none"``, ``"ddp"``, ``"daso"`` or ``"ab"``."""
     mode = experiment.config.parallel
+    if mode == "ab":
+        return ABRunner(experiment)
     if mode == "ddp":
         return DataParallelRunner(experiment)
     if mode == "daso":
@@ -206,9 +305,11 @@ def make_runner(experiment: Any) -> SingleDeviceRunner | DataParallelRunner | Da
 
 __all__ = [
     "PARALLEL_MODES",
+    "ABRunner",
     "DasoRunner",
     "DataParallelRunner",
     "SingleDeviceRunner",
+    "ab_config_from",
     "check_parallel_config",
     "daso_config_from",
     "make_runner",
