@@ -1,5 +1,22 @@
-"""Hierarchical data parallelism: meshes, the data-parallel baseline, DASO, and communication accounting."""
+"""Hierarchical data parallelism: meshes, the data-parallel baseline, DASO, AB-training, and communication
+accounting."""
 
+from jaxalgo.parallel._ab import (
+    AB,
+    AB_AXES,
+    SYNC_MODES,
+    ABConfig,
+    ABLayer,
+    ABTrainState,
+    ab_comm,
+    ab_mesh,
+    ab_schedule,
+    ab_training,
+    check_ab_mesh,
+    find_ab_layers,
+    lr_factor,
+    place_ab_state,
+)
 from jaxalgo.parallel._collectives import (
     STATE_MERGES,
     mean_over,
@@ -40,6 +57,8 @@ from jaxalgo.parallel._mesh import (
 )
 
 __all__ = [
+    "AB",
+    "AB_AXES",
     "COMM_DTYPES",
     "DATA_AXES",
     "KINDS",
@@ -47,6 +66,10 @@ __all__ = [
     "NODE_AXIS",
     "PHASES",
     "STATE_MERGES",
+    "SYNC_MODES",
+    "ABConfig",
+    "ABLayer",
+    "ABTrainState",
     "Collective",
     "CommReport",
     "Daso",
@@ -54,6 +77,11 @@ __all__ = [
     "DasoSchedule",
     "DasoState",
     "DasoTrainState",
+    "ab_comm",
+    "ab_mesh",
+    "ab_schedule",
+    "ab_training",
+    "check_ab_mesh",
     "check_batch",
     "check_divisible",
     "comm_report",
@@ -61,14 +89,17 @@ __all__ = [
     "daso_phase",
     "data_parallel",
     "detect_cluster",
+    "find_ab_layers",
     "initial_schedule",
     "initialize_distributed",
+    "lr_factor",
     "make_mesh",
     "mean_over",
     "merge_replicated_state",
     "merge_stale",
     "parse_mesh_shape",
     "place",
+    "place_ab_state",
     "place_daso_state",
     "replicate",
     "shard",

@@ -205,9 +205,11 @@ def lr_factor(step: int, config: ABConfig, lr: float) -> float:
     if rebound == 0 or step < config.warmup_steps:
         return 1.0
     last = step
-    while last > config.warmup_steps and not ab_schedule(last, config)[0]:
+    while last >= config.warmup_steps and not ab_schedule(last, config)[0]:
         last -= 1
     since = step - last
+    if last < config.warmup_steps:  # no transition yet (cycle 0 starts with data-parallel steps)
+        return 1.0
     if since >= rebound:
         return 1.0
     floor = min(config.lr_rebound_floor / lr, 1.0)
@@ -349,6 +351,8 @@ class AB:
     factorize: Callable[..., ABTrainState]
     consensus: Callable[[ABTrainState, bool], Any]
     resize: Callable[[ABTrainState, dict[str, int]], ABTrainState]
+    sync_program: Callable[..., Any]
+    svd_program: Callable[..., Any]
     lr: float = 1e-3
 
     @property
@@ -479,7 +483,8 @@ def ab_training(
             [next(shared) if m else jnp.zeros(x.shape, x.dtype) for x, m in zip(leaves, shared_mask, strict=True)]
         )
         g_b = unravel_b(_resize(head, 0, flat_b.size))
-        g_a = g_b if only_b else unravel_a(_resize(head, 0, flat_a.size))
+        zeros = lambda x: jnp.zeros(x.shape, x.dtype)
+        g_a = jax.tree.map(zeros, grad_a) if only_b else unravel_a(_resize(head, 0, flat_a.size))
         factor_grads = {
             name: {
                 "A": jnp.where(a_group, g_a[name], 0.0).astype(factors[name]["A"].dtype),
@@ -661,6 +666,8 @@ def ab_training(
         factorize=factorize,
         consensus=consensus,
         resize=resize,
+        sync_program=sync_program,
+        svd_program=svd_program,
         lr=lr,
     )
 
@@ -675,3 +682,27 @@ def place_ab_state(state: ABTrainState, mesh: Mesh) -> ABTrainState:
         ranks=place(state.ranks, mesh, P()),
         loss_sum=place(state.loss_sum, mesh, P(GROUP_AXIS)),
     )
+
+
+def ab_comm(ab: AB, state: ABTrainState, batch: Any, run_key: jax.Array) -> dict[str, Any]:
+    """Bytes per device of each AB program at the state's ranks (from the compiled HLO, see ``comm_report``),
+    and the average over one steady cycle of ``steps_between_syncs`` steps.
+
+    Returns:
+      ``{"ddp", "group", "sync", "factorize"}``: :class:`~jaxalgo.parallel.CommReport` s, and ``"cycle_bytes"``:
+      ``(D * ddp + (S - D) * group + sync + factorize) / S`` with ``S = steps_between_syncs``,
+      ``D = ddp_steps_after_sync`` (bytes as requested by the program, i.e. before XLA:CPU widens bf16).
+    """
+    from jaxalgo.parallel._comm import comm_report
+
+    factor = jnp.float32(1.0)
+    batch = reshard(batch, ab.mesh, P(AB_AXES))
+    reports = {
+        phase: comm_report(ab.steps[phase], state, batch, run_key, factor, mesh=ab.mesh) for phase in ("ddp", "group")
+    }
+    reports["sync"] = comm_report(ab.sync_program, state.train, state.opt_state, mesh=ab.mesh)
+    reports["factorize"] = comm_report(ab.svd_program, state.train["params"], mesh=ab.mesh)
+    total = {name: report.total(requested=True) for name, report in reports.items()}
+    period, ddp = ab.config.steps_between_syncs, ab.config.ddp_steps_after_sync
+    cycle = (ddp * total["ddp"] + (period - ddp) * total["group"] + total["sync"] + total["factorize"]) / period
+    return {**reports, "bytes": total, "cycle_bytes": cycle}
