@@ -106,13 +106,13 @@ def test_sync_every_step_in_full_mode_without_truncation_equals_ddp():
         for batch in batches:
             ddp, _ = ddp_step(ddp, par.shard(batch, mesh), run_key)
         for g in range(2):
-            got = jax.tree.map(lambda x: host(x)[g], state.train["params"])
+            got = jax.tree.map(lambda x, g=g: host(x)[g], state.train["params"])
             chex.assert_trees_all_close(got, jax.tree.map(host, ddp.params), rtol=1e-9, atol=1e-11)
 
 
 def group_oracle(params, batch, layers, ranks, num_steps, lr, group, num_groups, only_b=False):
     """One group's phase on one device: factors from the SVD, the group's slice of the batch, its factor trained."""
-    fn, _, loss_fn = tiny_model()
+    _, _, loss_fn = tiny_model()
     rows = BATCH // num_groups
     batch = jax.tree.map(lambda x: x[group * rows : (group + 1) * rows], batch)
     factors = {}
@@ -179,7 +179,7 @@ def test_group_phase_and_sync_match_a_per_group_oracle(mode):
             expected = (a0 @ b0 + a1 @ b1) / 2 if mode == "full" else a0 @ (b0 + b1) / 2
             for g in range(2):
                 np.testing.assert_allclose(
-                    kernel(jax.tree.map(lambda x: host(x)[g], merged.train["params"]), name),
+                    kernel(jax.tree.map(lambda x, g=g: host(x)[g], merged.train["params"]), name),
                     expected,
                     rtol=1e-8,
                     atol=1e-10,
@@ -300,9 +300,9 @@ def test_resume_in_the_group_phase_at_cut_ranks_equals_the_uninterrupted_run(tmp
     with open(checkpoint / "record" / "metadata") as f:
         record = json.load(f)
     assert record["ab_sizes"] != {"0/linear": 32}  # factors stored below full rank (64x32 -> 32)
-    assert par.ab_schedule(16, par.ABConfig(warmup_steps=4, steps_between_syncs=6, ddp_steps_after_sync=1))[1] == (
-        "group"
-    )
+    # the checkpoint holds diverged groups (step index 15 was a group step); the resumed run starts with a sync
+    schedule = par.ABConfig(warmup_steps=4, steps_between_syncs=6, ddp_steps_after_sync=1)
+    assert par.ab_schedule(15, schedule) == ((), "group") and par.ab_schedule(16, schedule) == (("sync",), "ddp")
     os.makedirs(tmp_path / "resumed" / "checkpoints")
     shutil.copytree(checkpoint, tmp_path / "resumed" / "checkpoints" / "16")
     resumed = train_and_evaluate(config, tmp_path / "resumed", resume=True)
