@@ -7,8 +7,12 @@ eligible dense weight ``W`` (``m x n`` matrix view, see :func:`jaxalgo.lowrank.f
   W = U \\Sigma V^T \\approx A B, \\qquad A = U_{:, :r} \\Sigma_r^{1/2} \\; (m \\times r), \\qquad
   B = \\Sigma_r^{1/2} V_{:, :r}^T \\; (r \\times n),
 
-cut at ``r = #{i : s_i >= cutoff * s_0}``; every device computes its count and the rank is the ``pmax`` over all
-devices, so all devices agree on the cut. Training then cycles, after ``warmup_steps`` full-rank data-parallel
+cut at ``r = #{i : s_i >= cutoff * s_0}``. ``W`` is the same on every device when it is factorised (after the
+data-parallel steps), so each process computes the SVD once, on its first device, and the cut is the maximum of
+the processes' counts (``process_allgather``): every device installs the same rank. (Eight simultaneous LAPACK
+SVDs on the simulated devices of one CPU cost minutes where one costs a fraction of a second.)
+
+Training then cycles, after ``warmup_steps`` full-rank data-parallel
 steps, with period ``steps_between_syncs``:
 
 1. **sync** (from the second cycle on): the groups' models are merged into one full-rank model, by ``sync_mode``
@@ -69,6 +73,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -557,8 +562,8 @@ def ab_training(
         return state._replace(train=train, opt_state=opt_state)
 
     # ---- re-SVD ----------------------------------------------------------------------------------------------
-    def svd_body(params):
-        params = first(params)
+    @jax.jit
+    def local_svd(params):
         full_a, full_b, counts = {}, {}, {}
         for layer in layers:
             u, s, vt = jnp.linalg.svd(_matrix(params, layer), full_matrices=False)
@@ -566,15 +571,19 @@ def ab_training(
             full_a[layer.name] = u * root[None, :]
             full_b[layer.name] = root[:, None] * vt
             if config.cutoff is None:
-                count = jnp.asarray(s.size, jnp.int32)
+                counts[layer.name] = jnp.asarray(s.size, jnp.int32)
             else:
-                count = jnp.maximum(jnp.sum(s >= config.cutoff * s[0]).astype(jnp.int32), 1)
-            counts[layer.name] = jax.lax.pmax(count, AB_AXES)  # every device agrees on the cut
-        return stack(full_a), stack(full_b), counts
+                counts[layer.name] = jnp.maximum(jnp.sum(s >= config.cutoff * s[0]).astype(jnp.int32), 1)
+        return full_a, full_b, counts
 
-    svd_program = jax.jit(
-        jax.shard_map(svd_body, mesh=mesh, in_specs=(group_spec,), out_specs=(group_spec, group_spec, repl))
-    )
+    def svd_program(params):
+        """The SVD of one device's copy of the parameters (group slice 0 of this process's first device)."""
+        local = jax.tree.map(lambda x: x.addressable_data(0)[0], params)
+        full_a, full_b, counts = local_svd(local)
+        stacked = lambda tree: place(
+            jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (groups, *x.shape)), tree), mesh, group_spec
+        )
+        return stacked(full_a), stacked(full_b), counts
 
     def install(state, full_a, full_b, ranks, sizes):
         """Factors cut to ``ranks`` and stored at ``sizes``; their moments sliced or zero-padded to ``sizes``."""
@@ -604,15 +613,18 @@ def ab_training(
     install_program = jax.jit(install, static_argnames="sizes")
 
     def factorize(state: ABTrainState, *, ranks: dict[str, int] | None = None) -> ABTrainState:
-        full_a, full_b, agreed = svd_program(state.train["params"])
+        full_a, full_b, counts = svd_program(state.train["params"])
+        # every process's proposal: the cut is their maximum, the same for every device
+        gathered = multihost_utils.process_allgather(counts)
+        agreed = {name: int(np.max(value)) for name, value in gathered.items()}
         if ranks is not None:
             unknown = set(ranks) - {layer.name for layer in layers}
             if unknown:
                 raise ValueError(
                     f"ranks: no factorised layer named {sorted(unknown)}; layers: {[x.name for x in layers]}"
                 )
-            agreed = {**agreed, **{k: jnp.asarray(v, jnp.int32) for k, v in ranks.items()}}
-        host = {k: int(np.asarray(jax.device_get(v))) for k, v in agreed.items()}
+            agreed = {**agreed, **{k: int(v) for k, v in ranks.items()}}
+        host = agreed
         for layer in layers:
             if not 1 <= host[layer.name] <= layer.full_rank:
                 raise ValueError(
@@ -689,7 +701,8 @@ def ab_comm(ab: AB, state: ABTrainState, batch: Any, run_key: jax.Array) -> dict
     and the average over one steady cycle of ``steps_between_syncs`` steps.
 
     Returns:
-      ``{"ddp", "group", "sync", "factorize"}``: :class:`~jaxalgo.parallel.CommReport` s, and ``"cycle_bytes"``:
+      ``{"ddp", "group", "sync"}``: :class:`~jaxalgo.parallel.CommReport` s; ``"bytes"``: their totals and
+      ``"factorize": 0`` (no device collective, see :func:`ab_training`); and ``"cycle_bytes"``:
       ``(D * ddp + (S - D) * group + sync + factorize) / S`` with ``S = steps_between_syncs``,
       ``D = ddp_steps_after_sync`` (bytes as requested by the program, i.e. before XLA:CPU widens bf16).
     """
@@ -701,8 +714,8 @@ def ab_comm(ab: AB, state: ABTrainState, batch: Any, run_key: jax.Array) -> dict
         phase: comm_report(ab.steps[phase], state, batch, run_key, factor, mesh=ab.mesh) for phase in ("ddp", "group")
     }
     reports["sync"] = comm_report(ab.sync_program, state.train, state.opt_state, mesh=ab.mesh)
-    reports["factorize"] = comm_report(ab.svd_program, state.train["params"], mesh=ab.mesh)
     total = {name: report.total(requested=True) for name, report in reports.items()}
+    total["factorize"] = 0  # the SVD runs on each process's own copy of W; only the ranks (integers) are gathered
     period, ddp = ab.config.steps_between_syncs, ab.config.ddp_steps_after_sync
     cycle = (ddp * total["ddp"] + (period - ddp) * total["group"] + total["sync"] + total["factorize"]) / period
     return {**reports, "bytes": total, "cycle_bytes": cycle}
