@@ -312,3 +312,16 @@ def test_resume_in_the_group_phase_at_cut_ranks_equals_the_uninterrupted_run(tmp
     resumed = train_and_evaluate(config, tmp_path / "resumed", resume=True)
     chex.assert_trees_all_equal(jax.tree.map(host, resumed["state"]), jax.tree.map(host, full["state"]))
     assert resumed["test_accuracy"] == full["test_accuracy"]
+
+
+def test_cli_flags_reach_the_config():
+    from jaxalgo.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(
+        "train --parallel ab --mesh 2x4 --ab-warmup-steps 7 --ab-steps-between-syncs 9 --ab-ddp-steps-after-sync 2 "
+        "--ab-sync-mode only-learned --ab-cutoff 0.25 --ab-lr-rebound-steps 3 --ab-bucket-ratio 1.5".split()
+    )
+    config = config_from_args(args)
+    assert (config.parallel, config.mesh, config.ab_sync_mode) == ("ab", "2x4", "only-learned")
+    assert (config.ab_warmup_steps, config.ab_steps_between_syncs, config.ab_ddp_steps_after_sync) == (7, 9, 2)
+    assert (config.ab_cutoff, config.ab_lr_rebound_steps, config.ab_bucket_ratio) == (0.25, 3, 1.5)
