@@ -98,6 +98,11 @@ def _add_parallel_flags(train: argparse.ArgumentParser) -> None:
     add = group.add_argument
     add("--parallel", default=DEFAULTS.parallel, help="none, ddp (all-reduce every step) or daso")
     add("--mesh", default=DEFAULTS.mesh, help="devices as NODESxLOCAL, e.g. 2x4 (default: one node per process)")
+    add(
+        "--parallel-reduce",
+        default=DEFAULTS.parallel_reduce,
+        help="auto (forward gradients: all-reduce only the k directional derivatives), directional or gradients",
+    )
     add("--daso-global-skip", type=int, default=DEFAULTS.daso_global_skip, help="steps between global averages")
     add("--daso-batches-to-wait", type=int, default=DEFAULTS.daso_batches_to_wait, help="S: steps until the merge")
     add("--daso-warmup-epochs", type=int, default=DEFAULTS.daso_warmup_epochs, help="blocking epochs at the start")

@@ -46,6 +46,8 @@ class TrainConfig:
       lowrank_rotate_moments: rotate the optimizer moments of S with the bases at each stability check.
       parallel: data parallelism: "none" (one device), "ddp" (gradient all-reduce every step) or "daso".
       mesh: devices as NODESxLOCAL, e.g. "2x4" (default with ddp/daso: one node per process).
+      parallel_reduce: what ddp (and DASO's node-local average) all-reduces: "auto" (only the k directional
+        derivatives for weight-perturbation forward gradients, else the gradients), "directional" or "gradients".
       daso_global_skip: DASO steps between global averages after the warm-up (>= 1).
       daso_batches_to_wait: DASO's S, steps until a global average is merged (0 <= S < daso_global_skip).
       daso_warmup_epochs: DASO epochs with a blocking global average every step at the start.
@@ -84,6 +86,7 @@ class TrainConfig:
     lowrank_rotate_moments: bool = False
     parallel: str = "none"
     mesh: str = ""
+    parallel_reduce: str = "auto"
     daso_global_skip: int = 4
     daso_batches_to_wait: int = 1
     daso_warmup_epochs: int = 4

@@ -1,4 +1,5 @@
-"""Hierarchical data parallelism: meshes, the data-parallel baseline, DASO, and communication accounting."""
+"""Hierarchical data parallelism: meshes, the data-parallel baseline (with a k-number path for forward gradients),
+DASO, and communication accounting."""
 
 from jaxalgo.parallel._collectives import (
     STATE_MERGES,
@@ -25,6 +26,7 @@ from jaxalgo.parallel._daso import (
     update_schedule,
 )
 from jaxalgo.parallel._data_parallel import check_batch, data_parallel
+from jaxalgo.parallel._forward_dp import REDUCTIONS, directional_value_and_grad, mean_packed
 from jaxalgo.parallel._mesh import (
     DATA_AXES,
     LOCAL_AXIS,
@@ -46,6 +48,7 @@ __all__ = [
     "LOCAL_AXIS",
     "NODE_AXIS",
     "PHASES",
+    "REDUCTIONS",
     "STATE_MERGES",
     "Collective",
     "CommReport",
@@ -61,10 +64,12 @@ __all__ = [
     "daso_phase",
     "data_parallel",
     "detect_cluster",
+    "directional_value_and_grad",
     "initial_schedule",
     "initialize_distributed",
     "make_mesh",
     "mean_over",
+    "mean_packed",
     "merge_replicated_state",
     "merge_stale",
     "parse_mesh_shape",
