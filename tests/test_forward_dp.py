@@ -3,6 +3,7 @@ on 8 simulated CPU devices, against the single-device estimate on the full globa
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -18,8 +19,11 @@ import optax
 import pytest
 
 from jaxalgo import parallel as par
+from jaxalgo.config import TrainConfig
+from jaxalgo.data import iterate_batches
 from jaxalgo.grads import DirectionalSplit, EmptyState, Estimator, _combine, backprop, rank1_forward_gradient
-from jaxalgo.train import TrainState, make_train_step
+from jaxalgo.parallel._train import make_runner
+from jaxalgo.train import TrainState, make_train_step, setup, train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGGREGATIONS = ("sum", "mean", "orthogonal_projection")
@@ -357,3 +361,38 @@ def test_two_processes_agree_with_one_process_on_8_devices(tmp_path):
         for name, value in expected.items():
             np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6, err_msg=f"process {i}: {name}")
     assert expected["orthogonal_projection_losses"][-1] < expected["orthogonal_projection_losses"][0]
+
+
+DIGITS = {"estimator": "frog-rank1", "tangents": 16, "optimizer": "sgd", "lr": 10.0, "hidden": (128,)}
+DIGITS |= {"epochs": 15, "batch_size": 64, "seed": 0, "quiet": True}
+
+
+def test_digits_frog_rank1_ddp_2x4_reaches_the_single_device_accuracy(tmp_path):
+    """``jaxalgo train --parallel ddp --mesh 2x4 --estimator frog-rank1 --tangents 16`` against one device, same seed
+    and global batch; and the run's DDP step all-reduces only k + 1 numbers."""
+    with jax.enable_x64(False):  # as the CLI runs
+        single = train_and_evaluate(TrainConfig(**DIGITS), tmp_path / "single")
+        config = TrainConfig(**DIGITS, parallel="ddp", mesh="2x4")
+        ddp = train_and_evaluate(config, tmp_path / "ddp")
+        assert single["test_accuracy"] >= 0.88
+        assert abs(ddp["test_accuracy"] - single["test_accuracy"]) <= 0.005, (ddp, single)
+        experiment = setup(dataclasses.replace(config, epochs=1))
+        runner = make_runner(experiment)
+        batch = next(iterate_batches(experiment.dataset, 64, seed=0, epoch=0))
+        state = runner.init(experiment.init_state())
+        report = par.comm_report(runner._step, state, par.shard(batch, runner.mesh), runner._run_key)
+        assert report.cross_node_bytes == report.total() == (16 + 1) * 4
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"parallel_reduce": "k"}, r"parallel_reduce: unknown reduction 'k'; allowed: auto, directional, gradients"),
+        ({"estimator": "backprop", "parallel_reduce": "directional"}, r"reduce: 'directional' needs an estimator"),
+    ],
+)
+def test_bad_parallel_reduce_fails_before_training(tmp_path, changes, message):
+    config = TrainConfig(**{**DIGITS, "epochs": 1, "parallel": "ddp", "mesh": "2x4", **changes})
+    with pytest.raises(ValueError, match=message):
+        train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
