@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalgo.grads import DirectionalSplit
+from jaxalgo.parallel._collectives import vary
 
 REDUCTIONS: tuple[str, ...] = ("auto", "directional", "gradients")
 """What a data-parallel step all-reduces: ``"directional"`` (the ``k`` directional derivatives of an estimator with a
@@ -92,7 +93,10 @@ def directional_value_and_grad(
     Returns:
       ``(loss, grads)``: the loss (or ``(loss, aux)``) averaged over the devices, and the estimate.
     """
-    loss, d = split.directional_derivatives(params, batch, key=key)
+    # Mark the parameters as varying first: mixing them, invariant, with the varying batch inside the loss would put
+    # a pcast into the loss's jaxpr, an equation forward-mode interpreters (rank-1 tangents) may not know, and jvp
+    # has no transpose, so no gradient-summing trap arises here.
+    loss, d = split.directional_derivatives(vary(params, axes), batch, key=key)
     loss, d = mean_packed((loss, d), axes)
     return loss, split.estimate_from_directional(params, d, key=key)
 
