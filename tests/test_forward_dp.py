@@ -159,9 +159,11 @@ def test_one_axis_mesh_and_has_aux_average_the_loss_and_aux():
     key = jax.random.key(4)
     est = build("rank1", "orthogonal_projection", has_aux=True)
     dp = par.data_parallel(est, mesh)
-    (loss, aux), grads, _ = jax.jit(lambda p, b, k: dp.value_and_grad(p, EmptyState(), b, key=k))(
-        par.replicate(params, mesh), par.shard(batch, mesh), par.replicate(key, mesh)
-    )
+    step = jax.jit(lambda p, b, k: dp.value_and_grad(p, EmptyState(), b, key=k))
+    args = (par.replicate(params, mesh), par.shard(batch, mesh), par.replicate(key, mesh))
+    (loss, aux), grads, _ = step(*args)
+    report = par.comm_report(step, *args)  # the aux's floating leaves join the same all-reduce: k + 2 numbers
+    assert report.count() == 1 and report.total() == (4 + 2) * 8
     _, grads1, _ = jax.jit(lambda p, b, k: est.value_and_grad(p, EmptyState(), b, key=k))(params, batch, key)
     np.testing.assert_allclose(loss, loss_fn(params, batch), rtol=1e-13)
     np.testing.assert_allclose(aux["mean_x"], jnp.mean(batch["x"]), rtol=1e-12)
@@ -222,20 +224,14 @@ def test_cross_device_bytes_per_step_are_k_plus_the_loss():
         make_train_step(e, optimizer).lower(state, batch, run_key).compile().memory_analysis().temp_size_in_bytes
     )
     assert temp_bytes(par.data_parallel(est, mesh)) <= temp_bytes(ordinary) < k * n * itemsize
-    # an auxiliary output of the loss adds its own floating leaves to the same all-reduce
-    with_aux = par.data_parallel(build("rank1", "mean", num_tangents=k, has_aux=True), mesh)
-    report = par.comm_report(
-        jax.jit(lambda p, b, key: with_aux.value_and_grad(p, EmptyState(), b, key=key)), state.params, batch, run_key
-    )
-    assert report.count() == 1 and report.total() == (k + 2) * itemsize
 
 
 def test_daso_node_local_average_is_k_numbers_and_matches_the_gradient_average():
     """DASO with reduce="auto" averages only d inside each node; its local steps give the same parameters as DASO with
-    the ordinary node-local gradient average (an equivalent formulation), while the global averages stay n-sized."""
+    the ordinary node-local gradient average (an equivalent formulation). (Its global averages, of parameters, are
+    DASO's own and tested with it.)"""
     mesh = par.make_mesh((2, 4))
     params, batch = make_problem(sizes=(6, 8, 3))
-    n = flat(params).size
     k = 5
     est = build("rank1", "mean", num_tangents=k)
     config = par.DasoConfig(global_skip=2, batches_to_wait=1, comm_dtype="float32")
@@ -245,8 +241,6 @@ def test_daso_node_local_average_is_k_numbers_and_matches_the_gradient_average()
     sharded = par.shard(batch, mesh)
     local = par.comm_report(fast.steps["local"], fast.init(params), sharded, run_key)
     assert local.count() == 1 and local.cross_node_bytes == 0 and local.node_local_bytes == (k + 1) * 8
-    blocking = par.comm_report(fast.steps["blocking"], fast.init(params), sharded, run_key)
-    assert blocking.cross_node_bytes == n * 4  # the global average is of parameters (sent in float32)
     states = {"fast": fast.init(params), "slow": slow.init(params)}
     for name, d in (("fast", fast), ("slow", slow)):
         for _ in range(2):
@@ -391,15 +385,9 @@ def test_digits_frog_rank1_ddp_2x4_reaches_the_single_device_accuracy(tmp_path):
         assert report.cross_node_bytes == report.total() == (16 + 1) * 4
 
 
-@pytest.mark.parametrize(
-    ("changes", "message"),
-    [
-        ({"parallel_reduce": "k"}, r"parallel_reduce: unknown reduction 'k'; allowed: auto, directional, gradients"),
-        ({"estimator": "backprop", "parallel_reduce": "directional"}, r"reduce: 'directional' needs an estimator"),
-    ],
-)
-def test_bad_parallel_reduce_fails_before_training(tmp_path, changes, message):
-    config = TrainConfig(**{**DIGITS, "epochs": 1, "parallel": "ddp", "mesh": "2x4", **changes})
+def test_bad_parallel_reduce_fails_before_training(tmp_path):
+    config = TrainConfig(**{**DIGITS, "epochs": 1, "parallel": "ddp", "mesh": "2x4", "parallel_reduce": "k"})
+    message = r"parallel_reduce: unknown reduction 'k'; allowed: auto, directional, gradients"
     with pytest.raises(ValueError, match=message):
         train_and_evaluate(config, tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
