@@ -93,9 +93,9 @@ def directional_value_and_grad(
     Returns:
       ``(loss, grads)``: the loss (or ``(loss, aux)``) averaged over the devices, and the estimate.
     """
-    # Mark the parameters as varying first: mixing them, invariant, with the varying batch inside the loss would put
-    # a pcast into the loss's jaxpr, an equation forward-mode interpreters (rank-1 tangents) may not know, and jvp
-    # has no transpose, so no gradient-summing trap arises here.
+    # Mark the parameters as varying first. Mixed, invariant, with the varying batch inside the loss, they would get a
+    # `pvary` equation in the loss's jaxpr, which the rank-1 forward-mode interpreter has no rule for: it would
+    # materialise every k x m x n tangent (measured 25 x slower). jvp has no transpose, so no gradient-summing trap.
     loss, d = split.directional_derivatives(vary(params, axes), batch, key=key)
     loss, d = mean_packed((loss, d), axes)
     return loss, split.estimate_from_directional(params, d, key=key)
