@@ -69,7 +69,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalgo.grads import _combine
-from jaxalgo.grads._estimator import EmptyState, Estimator, check_float_params, check_scalar_loss
+from jaxalgo.grads._estimator import EmptyState, Estimator, check_float_params
 
 TANGENTS: tuple[str, ...] = ("gaussian", "rademacher")
 MODES: tuple[str, ...] = ("forward", "simulated")
@@ -209,7 +209,12 @@ def activity_forward_gradient(
 
     def checked_loss(y_pred, y_true):
         value = output_loss(y_pred, y_true)
-        check_scalar_loss(value, has_aux=False)
+        shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+        if shape != () or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                "output_loss: must return a floating-point scalar (a mean over the batch); "
+                f"got shape {shape} and dtype {dtype}"
+            )
         return value
 
     def check_inputs(params, batch):

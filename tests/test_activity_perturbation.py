@@ -1,0 +1,230 @@
+"""Activity-perturbation forward gradients: forward mode equals its simulated counterpart, the projection with as many
+tangents as activity dimensions is the exact gradient, the mean is unbiased, local losses, ViT chains, bad input, and
+a short digits run."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxalgo
+import jaxalgo.losses
+from jaxalgo.config import TrainConfig
+from jaxalgo.grads import activity_forward_gradient, sample_activity_tangents
+from jaxalgo.train import train_and_evaluate
+
+CE = jaxalgo.losses.softmax_cross_entropy
+HIDDEN = (4, 5)
+ACTIVITY_DIM = 4 + 5 + 3  # per example: the outputs of the three blocks of the MLP 6-4-5-3
+
+
+def mlp_problem(batch_size=7):
+    fn, params = jaxalgo.models.split_chain(jaxalgo.models.mlp((6,), 3, hidden=HIDDEN, key=jax.random.key(0)))
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)  # jax arrays inside enable_x64
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.normal(size=(batch_size, 6)), "y": rng.integers(0, 3, size=batch_size)}
+    return fn, params, batch
+
+
+def exact_gradient(fn, params, batch):
+    return jax.grad(lambda p: CE(fn(p, batch["x"]), batch["y"]))(params)
+
+
+def local_loss_gradient(fn, params, batch, readout_key):
+    """Oracle for local losses: backprop through sum_l L_l(f_l(theta_l, stop_gradient(h_{l-1}))), with the readouts
+    drawn as documented (entries N(0, 1/|h_l|) from fold_in(readout_key, l))."""
+
+    def total(p):
+        h, value = batch["x"], 0.0
+        for index, block_params in enumerate(p):
+            h = fn.apply_block(index, block_params, jax.lax.stop_gradient(h))
+            if index < fn.num_blocks - 1:
+                size = int(np.prod(h.shape[1:]))
+                readout = jax.random.normal(jax.random.fold_in(readout_key, index), (size, 3), h.dtype) / np.sqrt(size)
+                value = value + CE(h.reshape(h.shape[0], -1) @ readout, batch["y"])
+            else:
+                value = value + CE(h, batch["y"])
+        return value
+
+    return jax.grad(total)(params)
+
+
+def estimate(est, params, batch, key):
+    """``est.value_and_grad`` jitted once per estimator (further keys reuse the compilation)."""
+    if est not in _JITTED:
+        _JITTED[est] = jax.jit(lambda p, b, k: est.value_and_grad(p, est.init(p), b, key=k))
+    return _JITTED[est](params, batch, key)
+
+
+_JITTED: dict = {}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"aggregation": "orthogonal_projection", "num_tangents": 5},
+        {"aggregation": "sum", "num_tangents": 2, "tangents": "rademacher", "normalize_tangents": True},
+        {"aggregation": "orthogonal_projection", "num_tangents": 3, "local_losses": True, "scaling_correction": True},
+    ],
+)
+def test_forward_mode_equals_simulated_mode_for_the_same_key(options):
+    fn, params, batch = mlp_problem()
+    with jax.enable_x64(True):
+        forward = activity_forward_gradient(fn, CE, mode="forward", **options)
+        simulated = activity_forward_gradient(fn, CE, mode="simulated", **options)
+        loss_f, grads_f, _ = estimate(forward, params, batch, jax.random.key(3))
+        loss_s, grads_s, _ = estimate(simulated, params, batch, jax.random.key(3))
+        chex.assert_trees_all_close(grads_f, grads_s, rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(loss_f, CE(fn(params, batch["x"]), batch["y"]), rtol=1e-12)
+        np.testing.assert_allclose(loss_f, loss_s, rtol=1e-12)
+        # A different key gives a different estimate (the tangents really are random).
+        _, other, _ = estimate(forward, params, batch, jax.random.key(4))
+        assert not np.allclose(other[0]["linear"]["kernel"], grads_f[0]["linear"]["kernel"])
+
+
+@pytest.mark.parametrize("num_tangents", [ACTIVITY_DIM, ACTIVITY_DIM + 3])
+def test_projection_with_as_many_tangents_as_activity_dimensions_is_the_exact_gradient(num_tangents):
+    fn, params, batch = mlp_problem()
+    with jax.enable_x64(True):
+        est = activity_forward_gradient(fn, CE, num_tangents=num_tangents, aggregation="orthogonal_projection")
+        _, grads, _ = estimate(est, params, batch, jax.random.key(1))
+        chex.assert_trees_all_close(grads, exact_gradient(fn, params, batch), rtol=1e-9, atol=1e-12)
+        # One tangent fewer is a strict projection: no longer the gradient.
+        fewer = activity_forward_gradient(fn, CE, num_tangents=ACTIVITY_DIM - 1, aggregation="orthogonal_projection")
+        _, partial, _ = estimate(fewer, params, batch, jax.random.key(1))
+        gap = jax.tree.map(lambda a, b: np.abs(a - b).max(), partial, exact_gradient(fn, params, batch))
+        assert max(jax.tree.leaves(gap)) > 1e-4
+
+
+def test_local_losses_projection_with_enough_tangents_is_the_exact_local_gradient():
+    fn, params, batch = mlp_problem()
+    with jax.enable_x64(True):
+        key = jax.random.key(11)
+        est = activity_forward_gradient(
+            fn, CE, num_tangents=max(HIDDEN), aggregation="orthogonal_projection", local_losses=True, readout_key=key
+        )
+        loss, grads, _ = estimate(est, params, batch, jax.random.key(1))
+        chex.assert_trees_all_close(grads, local_loss_gradient(fn, params, batch, key), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(loss, CE(fn(params, batch["x"]), batch["y"]), rtol=1e-12)  # the true loss
+        # The local objective differs from the global one: the hidden blocks' gradients are not backprop's.
+        assert not np.allclose(grads[0]["linear"]["kernel"], exact_gradient(fn, params, batch)[0]["linear"]["kernel"])
+
+
+@pytest.mark.parametrize("local_losses", [False, True])
+def test_mean_is_unbiased_and_sum_is_k_times_mean(local_losses):
+    # alpha_j = <g_j, g> / <g, g> for M independent estimates g_j: E[alpha] = 1 for an unbiased estimator. The bound
+    # 4 standard errors (< 0.08 here) fails for a wrong scale (x k, x 1/k, the projection's k/N, 1/N-normalised).
+    fn, params, batch = mlp_problem()
+    num_draws, k = 3000, 4
+    with jax.enable_x64(True):
+        target = local_loss_gradient(fn, params, batch, jax.random.key(0)) if local_losses else None
+        target = exact_gradient(fn, params, batch) if target is None else target
+        flat_target = jnp.concatenate([a.ravel() for a in jax.tree.leaves(target)])
+        mean = activity_forward_gradient(fn, CE, num_tangents=k, aggregation="mean", local_losses=local_losses)
+        total = activity_forward_gradient(fn, CE, num_tangents=k, aggregation="sum", local_losses=local_losses)
+
+        @jax.jit
+        def alphas(keys):
+            def one(key):
+                g = mean.value_and_grad(params, None, batch, key=key)[1]
+                s = total.value_and_grad(params, None, batch, key=key)[1]
+                flat = jnp.concatenate([a.ravel() for a in jax.tree.leaves(g)])
+                flat_sum = jnp.concatenate([a.ravel() for a in jax.tree.leaves(s)])
+                return flat @ flat_target / (flat_target @ flat_target), jnp.abs(flat_sum - k * flat).max()
+
+            return jax.vmap(one)(keys)
+
+        values, sum_gap = alphas(jax.random.split(jax.random.key(5), num_draws))
+        standard_error = float(values.std() / np.sqrt(num_draws))
+        assert standard_error < 0.02
+        assert abs(float(values.mean()) - 1.0) < 4 * standard_error
+        assert float(sum_gap.max()) < 1e-12
+
+
+def test_vit_chain_forward_equals_simulated_and_projection_is_exact():
+    chain = jaxalgo.models.vit((4, 4, 1), 3, patch_size=2, dim=4, depth=1, heads=2, mlp_dim=8, key=jax.random.key(0))
+    fn, params = jaxalgo.models.split_chain(chain)
+    rng = np.random.default_rng(1)
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+        batch = {"x": rng.normal(size=(2, 4, 4, 1)), "y": rng.integers(0, 3, size=2)}
+        activity_dim = 4 * 4 + 4 * 4 + 3  # 4 tokens x dim 4 (embedding, transformer block), 3 logits
+        exact = exact_gradient(fn, params, batch)
+        est = activity_forward_gradient(fn, CE, num_tangents=activity_dim, aggregation="orthogonal_projection")
+        _, grads, _ = estimate(est, params, batch, jax.random.key(0))
+        chex.assert_trees_all_close(grads, exact, rtol=1e-8, atol=1e-11)
+        forward = activity_forward_gradient(fn, CE, num_tangents=3, aggregation="mean")
+        simulated = activity_forward_gradient(fn, CE, num_tangents=3, aggregation="mean", mode="simulated")
+        chex.assert_trees_all_close(
+            estimate(forward, params, batch, jax.random.key(6))[1],
+            estimate(simulated, params, batch, jax.random.key(6))[1],
+            rtol=1e-10,
+            atol=1e-13,
+        )
+
+
+def test_tangents_are_folded_per_index_and_shared_by_the_batch():
+    shapes = [(2, 3), (4,)]
+    us = sample_activity_tangents(jax.random.key(7), 3, shapes, jnp.float32)
+    assert [u.shape for u in us] == [(3, 2, 3), (3, 4)]
+    second = jax.random.normal(jax.random.fold_in(jax.random.key(7), 1), (10,), jnp.float32)
+    np.testing.assert_array_equal(np.concatenate([us[0][1].ravel(), us[1][1]]), second)
+    signs = sample_activity_tangents(jax.random.key(7), 2, shapes, jnp.float32, distribution="rademacher")
+    assert set(np.unique(np.concatenate([s.reshape(2, -1) for s in signs], axis=1)).tolist()) <= {-1.0, 1.0}
+    unit = sample_activity_tangents(jax.random.key(7), 2, shapes, jnp.float32, normalize=True)
+    norms = np.linalg.norm(np.concatenate([u.reshape(2, -1) for u in unit], axis=1), axis=1)
+    np.testing.assert_allclose(norms, 1.0, rtol=1e-6)
+
+
+def test_float32_and_bfloat16_parameters_give_finite_estimates_in_their_dtype():
+    fn, params, batch = mlp_problem()
+    for dtype in (jnp.float32, jnp.bfloat16):
+        cast = jax.tree.map(lambda a, dtype=dtype: a.astype(dtype), params)
+        x = {"x": batch["x"].astype(dtype), "y": batch["y"]}
+        est = activity_forward_gradient(fn, CE, num_tangents=4, aggregation="orthogonal_projection")
+        _, grads, _ = estimate(est, cast, x, jax.random.key(0))
+        for leaf in jax.tree.leaves(grads):
+            assert leaf.dtype == dtype and np.isfinite(np.asarray(leaf, np.float32)).all()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"num_tangents": 0}, "num_tangents: must be an integer >= 1, got 0"),
+        ({"num_tangents": 2.0}, "num_tangents: must be an integer >= 1, got 2.0"),
+        ({"num_tangents": 2, "aggregation": "median"}, "aggregation: unknown aggregation 'median'"),
+        ({"num_tangents": 2, "tangents": "uniform"}, "tangents: unknown tangent distribution 'uniform'"),
+        ({"num_tangents": 2, "mode": "backward"}, "mode: unknown mode 'backward'"),
+    ],
+)
+def test_bad_options_are_rejected_at_construction(options, message):
+    fn, _, _ = mlp_problem()
+    with pytest.raises(ValueError, match=message):
+        activity_forward_gradient(fn, CE, **options)
+
+
+def test_bad_inputs_name_the_argument():
+    fn, params, batch = mlp_problem()
+    with pytest.raises(TypeError, match=r"chain: expected a jaxalgo\.models\.ChainFn"):
+        activity_forward_gradient(lambda p, x: x, CE, num_tangents=1)
+    with pytest.raises(TypeError, match="output_loss: expected a callable"):
+        activity_forward_gradient(fn, "cross_entropy", num_tangents=1)
+    per_example = activity_forward_gradient(fn, lambda y, t: jnp.sum(y, axis=-1), num_tangents=1)
+    with pytest.raises(TypeError, match=r"output_loss: must return a floating-point scalar .*; got shape \(7,\)"):
+        per_example.value_and_grad(params, None, batch, key=jax.random.key(0))
+    est = activity_forward_gradient(fn, CE, num_tangents=1)
+    with pytest.raises(ValueError, match="batch: expected a mapping with keys 'x'"):
+        est.value_and_grad(params, None, {"x": batch["x"]}, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="params: expected a sequence of 3 per-block dicts"):
+        est.value_and_grad(params[:2], None, batch, key=jax.random.key(0))
+    with pytest.raises(TypeError, match="params: leaf"):
+        est.init(jax.tree.map(lambda a: a.astype(jnp.int32), params))
+
+
+def test_frog_activity_learns_digits_from_the_command_line_registry(tmp_path):
+    config = TrainConfig(estimator="frog-activity", tangents=16, optimizer="adam", lr=1e-3, epochs=5, quiet=True)
+    final = train_and_evaluate(config, tmp_path)
+    assert final["test_accuracy"] >= 0.90
