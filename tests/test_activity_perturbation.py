@@ -4,6 +4,8 @@ a short digits run."""
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,7 @@ HIDDEN = (4, 5)
 ACTIVITY_DIM = 4 + 5 + 3  # per example: the outputs of the three blocks of the MLP 6-4-5-3
 
 
+@functools.cache
 def mlp_problem(batch_size=7):
     fn, params = jaxalgo.models.split_chain(jaxalgo.models.mlp((6,), 3, hidden=HIDDEN, key=jax.random.key(0)))
     params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)  # jax arrays inside enable_x64
@@ -29,10 +32,12 @@ def mlp_problem(batch_size=7):
     return fn, params, batch
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def exact_gradient(fn, params, batch):
     return jax.grad(lambda p: CE(fn(p, batch["x"]), batch["y"]))(params)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def local_loss_gradient(fn, params, batch, readout_key):
     """Oracle for local losses: backprop through sum_l L_l(f_l(theta_l, stop_gradient(h_{l-1}))), with the readouts
     drawn as documented (entries N(0, 1/|h_l|) from fold_in(readout_key, l))."""
@@ -72,30 +77,41 @@ _JITTED: dict = {}
 )
 def test_forward_mode_equals_simulated_mode_for_the_same_key(options):
     fn, params, batch = mlp_problem()
+    forward = activity_forward_gradient(fn, CE, mode="forward", **options)
+    simulated = activity_forward_gradient(fn, CE, mode="simulated", **options)
+
+    @jax.jit
+    def both(params, batch):
+        run = lambda est, seed: est.value_and_grad(params, None, batch, key=jax.random.key(seed))[:2]
+        return run(forward, 3), run(simulated, 3), run(forward, 4)[1]
+
     with jax.enable_x64(True):
-        forward = activity_forward_gradient(fn, CE, mode="forward", **options)
-        simulated = activity_forward_gradient(fn, CE, mode="simulated", **options)
-        loss_f, grads_f, _ = estimate(forward, params, batch, jax.random.key(3))
-        loss_s, grads_s, _ = estimate(simulated, params, batch, jax.random.key(3))
+        (loss_f, grads_f), (loss_s, grads_s), other = both(params, batch)
         chex.assert_trees_all_close(grads_f, grads_s, rtol=1e-10, atol=1e-13)
         np.testing.assert_allclose(loss_f, CE(fn(params, batch["x"]), batch["y"]), rtol=1e-12)
         np.testing.assert_allclose(loss_f, loss_s, rtol=1e-12)
         # A different key gives a different estimate (the tangents really are random).
-        _, other, _ = estimate(forward, params, batch, jax.random.key(4))
         assert not np.allclose(other[0]["linear"]["kernel"], grads_f[0]["linear"]["kernel"])
 
 
-@pytest.mark.parametrize("num_tangents", [ACTIVITY_DIM, ACTIVITY_DIM + 3])
-def test_projection_with_as_many_tangents_as_activity_dimensions_is_the_exact_gradient(num_tangents):
+def test_projection_with_as_many_tangents_as_activity_dimensions_is_the_exact_gradient():
     fn, params, batch = mlp_problem()
+    projections = {
+        k: activity_forward_gradient(fn, CE, num_tangents=k, aggregation="orthogonal_projection")
+        for k in (ACTIVITY_DIM, ACTIVITY_DIM + 3, ACTIVITY_DIM - 1)  # k > N uses the first N tangents
+    }
+
+    @jax.jit
+    def all_estimates(params, batch):
+        return {k: est.value_and_grad(params, None, batch, key=jax.random.key(1))[1] for k, est in projections.items()}
+
     with jax.enable_x64(True):
-        est = activity_forward_gradient(fn, CE, num_tangents=num_tangents, aggregation="orthogonal_projection")
-        _, grads, _ = estimate(est, params, batch, jax.random.key(1))
-        chex.assert_trees_all_close(grads, exact_gradient(fn, params, batch), rtol=1e-9, atol=1e-12)
+        grads = all_estimates(params, batch)
+        exact = exact_gradient(fn, params, batch)
+        chex.assert_trees_all_close(grads[ACTIVITY_DIM], exact, rtol=1e-9, atol=1e-12)
+        chex.assert_trees_all_close(grads[ACTIVITY_DIM + 3], exact, rtol=1e-9, atol=1e-12)
         # One tangent fewer is a strict projection: no longer the gradient.
-        fewer = activity_forward_gradient(fn, CE, num_tangents=ACTIVITY_DIM - 1, aggregation="orthogonal_projection")
-        _, partial, _ = estimate(fewer, params, batch, jax.random.key(1))
-        gap = jax.tree.map(lambda a, b: np.abs(a - b).max(), partial, exact_gradient(fn, params, batch))
+        gap = jax.tree.map(lambda a, b: np.abs(a - b).max(), grads[ACTIVITY_DIM - 1], exact)
         assert max(jax.tree.leaves(gap)) > 1e-4
 
 
@@ -113,81 +129,92 @@ def test_local_losses_projection_with_enough_tangents_is_the_exact_local_gradien
         assert not np.allclose(grads[0]["linear"]["kernel"], exact_gradient(fn, params, batch)[0]["linear"]["kernel"])
 
 
-@pytest.mark.parametrize("local_losses", [False, True])
-def test_mean_is_unbiased_and_sum_is_k_times_mean(local_losses):
+def test_mean_is_unbiased_and_sum_is_k_times_mean():
     # alpha_j = <g_j, g> / <g, g> for M independent estimates g_j: E[alpha] = 1 for an unbiased estimator. The bound
     # 4 standard errors (< 0.08 here) fails for a wrong scale (x k, x 1/k, the projection's k/N, 1/N-normalised).
+    # Checked for the global loss (target: backprop) and for local losses (target: the local-loss gradient).
     fn, params, batch = mlp_problem()
     num_draws, k = 3000, 4
+    readout_key = jax.random.key(0)
+
+    def flat(tree):
+        return jnp.concatenate([a.ravel() for a in jax.tree.leaves(tree)])
+
+    @jax.jit
+    def alphas(keys):
+        results = []
+        for local in (False, True):
+            target = local_loss_gradient(fn, params, batch, readout_key) if local else exact_gradient(fn, params, batch)
+            target = flat(target)
+            mean = activity_forward_gradient(fn, CE, num_tangents=k, aggregation="mean", local_losses=local)
+            total = activity_forward_gradient(fn, CE, num_tangents=k, aggregation="sum", local_losses=local)
+
+            def one(key, mean=mean, total=total, target=target):
+                g = flat(mean.value_and_grad(params, None, batch, key=key)[1])
+                s = flat(total.value_and_grad(params, None, batch, key=key)[1])
+                return g @ target / (target @ target), jnp.abs(s - k * g).max()
+
+            results.append(jax.vmap(one)(keys))
+        return results
+
     with jax.enable_x64(True):
-        target = local_loss_gradient(fn, params, batch, jax.random.key(0)) if local_losses else None
-        target = exact_gradient(fn, params, batch) if target is None else target
-        flat_target = jnp.concatenate([a.ravel() for a in jax.tree.leaves(target)])
-        mean = activity_forward_gradient(fn, CE, num_tangents=k, aggregation="mean", local_losses=local_losses)
-        total = activity_forward_gradient(fn, CE, num_tangents=k, aggregation="sum", local_losses=local_losses)
-
-        @jax.jit
-        def alphas(keys):
-            def one(key):
-                g = mean.value_and_grad(params, None, batch, key=key)[1]
-                s = total.value_and_grad(params, None, batch, key=key)[1]
-                flat = jnp.concatenate([a.ravel() for a in jax.tree.leaves(g)])
-                flat_sum = jnp.concatenate([a.ravel() for a in jax.tree.leaves(s)])
-                return flat @ flat_target / (flat_target @ flat_target), jnp.abs(flat_sum - k * flat).max()
-
-            return jax.vmap(one)(keys)
-
-        values, sum_gap = alphas(jax.random.split(jax.random.key(5), num_draws))
-        standard_error = float(values.std() / np.sqrt(num_draws))
-        assert standard_error < 0.02
-        assert abs(float(values.mean()) - 1.0) < 4 * standard_error
-        assert float(sum_gap.max()) < 1e-12
+        for values, sum_gap in alphas(jax.random.split(jax.random.key(5), num_draws)):
+            standard_error = float(values.std() / np.sqrt(num_draws))
+            assert standard_error < 0.02
+            assert abs(float(values.mean()) - 1.0) < 4 * standard_error
+            assert float(sum_gap.max()) < 1e-12
 
 
 def test_vit_chain_forward_equals_simulated_and_projection_is_exact():
     chain = jaxalgo.models.vit((4, 4, 1), 3, patch_size=2, dim=4, depth=1, heads=2, mlp_dim=8, key=jax.random.key(0))
     fn, params = jaxalgo.models.split_chain(chain)
     rng = np.random.default_rng(1)
+    activity_dim = 4 * 4 + 4 * 4 + 3  # 4 tokens x dim 4 (embedding, transformer block), 3 logits
+    projection = activity_forward_gradient(fn, CE, num_tangents=activity_dim, aggregation="orthogonal_projection")
+    forward = activity_forward_gradient(fn, CE, num_tangents=3, aggregation="mean")
+    simulated = activity_forward_gradient(fn, CE, num_tangents=3, aggregation="mean", mode="simulated")
+
+    @jax.jit
+    def everything(params, batch):
+        run = lambda est, seed: est.value_and_grad(params, None, batch, key=jax.random.key(seed))[1]
+        exact = jax.grad(lambda p: CE(fn(p, batch["x"]), batch["y"]))(params)
+        return exact, run(projection, 0), run(forward, 6), run(simulated, 6)
+
     with jax.enable_x64(True):
         params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
         batch = {"x": rng.normal(size=(2, 4, 4, 1)), "y": rng.integers(0, 3, size=2)}
-        activity_dim = 4 * 4 + 4 * 4 + 3  # 4 tokens x dim 4 (embedding, transformer block), 3 logits
-        exact = exact_gradient(fn, params, batch)
-        est = activity_forward_gradient(fn, CE, num_tangents=activity_dim, aggregation="orthogonal_projection")
-        _, grads, _ = estimate(est, params, batch, jax.random.key(0))
-        chex.assert_trees_all_close(grads, exact, rtol=1e-8, atol=1e-11)
-        forward = activity_forward_gradient(fn, CE, num_tangents=3, aggregation="mean")
-        simulated = activity_forward_gradient(fn, CE, num_tangents=3, aggregation="mean", mode="simulated")
-        chex.assert_trees_all_close(
-            estimate(forward, params, batch, jax.random.key(6))[1],
-            estimate(simulated, params, batch, jax.random.key(6))[1],
-            rtol=1e-10,
-            atol=1e-13,
-        )
+        exact, projected, by_forward, by_simulation = everything(params, batch)
+        chex.assert_trees_all_close(projected, exact, rtol=1e-8, atol=1e-11)
+        chex.assert_trees_all_close(by_forward, by_simulation, rtol=1e-10, atol=1e-13)
 
 
 def test_tangents_are_folded_per_index_and_shared_by_the_batch():
-    shapes = [(2, 3), (4,)]
-    us = sample_activity_tangents(jax.random.key(7), 3, shapes, jnp.float32)
+    shapes = ((2, 3), (4,))
+
+    @functools.partial(jax.jit, static_argnames=("num", "distribution", "normalize"))
+    def draw(key, num, distribution="gaussian", normalize=False):
+        return sample_activity_tangents(key, num, shapes, jnp.float32, distribution=distribution, normalize=normalize)
+
+    us = draw(jax.random.key(7), 3)
     assert [u.shape for u in us] == [(3, 2, 3), (3, 4)]
     second = jax.random.normal(jax.random.fold_in(jax.random.key(7), 1), (10,), jnp.float32)
-    np.testing.assert_array_equal(np.concatenate([us[0][1].ravel(), us[1][1]]), second)
-    signs = sample_activity_tangents(jax.random.key(7), 2, shapes, jnp.float32, distribution="rademacher")
+    np.testing.assert_allclose(np.concatenate([us[0][1].ravel(), us[1][1]]), second, rtol=1e-6)
+    signs = draw(jax.random.key(7), 2, distribution="rademacher")
     assert set(np.unique(np.concatenate([s.reshape(2, -1) for s in signs], axis=1)).tolist()) <= {-1.0, 1.0}
-    unit = sample_activity_tangents(jax.random.key(7), 2, shapes, jnp.float32, normalize=True)
+    unit = draw(jax.random.key(7), 2, normalize=True)
     norms = np.linalg.norm(np.concatenate([u.reshape(2, -1) for u in unit], axis=1), axis=1)
     np.testing.assert_allclose(norms, 1.0, rtol=1e-6)
 
 
-def test_float32_and_bfloat16_parameters_give_finite_estimates_in_their_dtype():
+def test_bfloat16_parameters_give_finite_estimates_in_their_dtype():
     fn, params, batch = mlp_problem()
-    for dtype in (jnp.float32, jnp.bfloat16):
-        cast = jax.tree.map(lambda a, dtype=dtype: a.astype(dtype), params)
-        x = {"x": batch["x"].astype(dtype), "y": batch["y"]}
-        est = activity_forward_gradient(fn, CE, num_tangents=4, aggregation="orthogonal_projection")
-        _, grads, _ = estimate(est, cast, x, jax.random.key(0))
-        for leaf in jax.tree.leaves(grads):
-            assert leaf.dtype == dtype and np.isfinite(np.asarray(leaf, np.float32)).all()
+    cast = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), params)
+    x = {"x": jnp.asarray(batch["x"], jnp.bfloat16), "y": batch["y"]}
+    est = activity_forward_gradient(fn, CE, num_tangents=4, aggregation="orthogonal_projection")
+    loss, grads, _ = estimate(est, cast, x, jax.random.key(0))
+    assert np.isfinite(float(loss))
+    for leaf in jax.tree.leaves(grads):
+        assert leaf.dtype == jnp.bfloat16 and np.isfinite(np.asarray(leaf, np.float32)).all()
 
 
 @pytest.mark.parametrize(
