@@ -165,27 +165,26 @@ def test_mean_is_unbiased_and_sum_is_k_times_mean():
             assert float(sum_gap.max()) < 1e-12
 
 
-def test_vit_chain_forward_equals_simulated_and_projection_is_exact():
+def test_vit_chain_projection_with_as_many_tangents_as_activity_dimensions_is_exact():
+    # Exactness needs d = U delta to hold to rounding for every example: it checks the forward-mode pass through
+    # patch embedding, attention, LayerNorm and the token-mean head.
     chain = jaxalgo.models.vit((4, 4, 1), 3, patch_size=2, dim=4, depth=1, heads=2, mlp_dim=8, key=jax.random.key(0))
     fn, params = jaxalgo.models.split_chain(chain)
     rng = np.random.default_rng(1)
     activity_dim = 4 * 4 + 4 * 4 + 3  # 4 tokens x dim 4 (embedding, transformer block), 3 logits
     projection = activity_forward_gradient(fn, CE, num_tangents=activity_dim, aggregation="orthogonal_projection")
-    forward = activity_forward_gradient(fn, CE, num_tangents=3, aggregation="mean")
-    simulated = activity_forward_gradient(fn, CE, num_tangents=3, aggregation="mean", mode="simulated")
 
     @jax.jit
     def everything(params, batch):
         run = lambda est, seed: est.value_and_grad(params, None, batch, key=jax.random.key(seed))[1]
         exact = jax.grad(lambda p: CE(fn(p, batch["x"]), batch["y"]))(params)
-        return exact, run(projection, 0), run(forward, 6), run(simulated, 6)
+        return exact, run(projection, 0)
 
     with jax.enable_x64(True):
         params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
         batch = {"x": rng.normal(size=(2, 4, 4, 1)), "y": rng.integers(0, 3, size=2)}
-        exact, projected, by_forward, by_simulation = everything(params, batch)
+        exact, projected = everything(params, batch)
         chex.assert_trees_all_close(projected, exact, rtol=1e-8, atol=1e-11)
-        chex.assert_trees_all_close(by_forward, by_simulation, rtol=1e-10, atol=1e-13)
 
 
 def test_tangents_are_folded_per_index_and_shared_by_the_batch():
