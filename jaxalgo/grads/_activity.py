@@ -295,10 +295,14 @@ def activity_forward_gradient(
         ds = []
         for head, h, u in zip(heads(outputs, mats), outputs, us, strict=True):
             if mode == "forward":
-                r, head_dot = jax.vmap(lambda du, h=h, head=head: jax.jvp(head, (h[:1],), (du[None],)))(u)
-                del r
+                # Block inputs are constants here, so the tangent of h_l is u_l itself for every example, and the
+                # heads are linear: the head's forward-mode derivative along u_l is one (k, C) array for the batch.
+                def head_tangent(du, h=h, head=head):
+                    return jax.jvp(head, (h[:1],), (du[None],))[1][0]
+
+                head_dot = jax.vmap(head_tangent)(u)
                 g_r = jax.grad(lambda z: checked_loss(z, labels))(head(h))
-                ds.append(jnp.einsum("bc,kc->kb", _flat(g_r, 1), _flat(head_dot[:, 0], 1).astype(g_r.dtype)))
+                ds.append(jnp.einsum("bc,kc->kb", _flat(g_r, 1), _flat(head_dot, 1).astype(g_r.dtype)))
             else:
                 delta = jax.grad(lambda z, head=head: checked_loss(head(z), labels))(h)
                 ds.append(jnp.einsum("bn,kn->kb", _flat(delta, 1), _flat(u, 1).astype(delta.dtype)))
