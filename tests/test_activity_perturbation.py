@@ -37,21 +37,25 @@ def exact_gradient(fn, params, batch):
     return jax.grad(lambda p: CE(fn(p, batch["x"]), batch["y"]))(params)
 
 
+def random_readouts(readout_key):
+    """The documented fixed readouts of the MLP 6-4-5-3: entries N(0, 1/|h_l|) from fold_in(readout_key, l)."""
+    return [
+        jax.random.normal(jax.random.fold_in(readout_key, index), (size, 3), jnp.float64) / np.sqrt(size)
+        for index, size in enumerate(HIDDEN)
+    ]
+
+
 @functools.partial(jax.jit, static_argnums=0)
-def local_loss_gradient(fn, params, batch, readout_key):
-    """Oracle for local losses: backprop through sum_l L_l(f_l(theta_l, stop_gradient(h_{l-1}))), with the readouts
-    drawn as documented (entries N(0, 1/|h_l|) from fold_in(readout_key, l))."""
+def local_loss_gradient(fn, params, batch, readouts):
+    """Oracle for local losses: backprop through sum_l L_l(f_l(theta_l, stop_gradient(h_{l-1}))), with
+    L_l = CE(h_l R_l) for the hidden blocks and the true loss for the last one."""
 
     def total(p):
         h, value = batch["x"], 0.0
         for index, block_params in enumerate(p):
             h = fn.apply_block(index, block_params, jax.lax.stop_gradient(h))
-            if index < fn.num_blocks - 1:
-                size = int(np.prod(h.shape[1:]))
-                readout = jax.random.normal(jax.random.fold_in(readout_key, index), (size, 3), h.dtype) / np.sqrt(size)
-                value = value + CE(h.reshape(h.shape[0], -1) @ readout, batch["y"])
-            else:
-                value = value + CE(h, batch["y"])
+            head = h @ readouts[index] if index < fn.num_blocks - 1 else h
+            value = value + CE(head, batch["y"])
         return value
 
     return jax.grad(total)(params)
@@ -123,10 +127,38 @@ def test_local_losses_projection_with_enough_tangents_is_the_exact_local_gradien
             fn, CE, num_tangents=max(HIDDEN), aggregation="orthogonal_projection", local_losses=True, readout_key=key
         )
         loss, grads, _ = estimate(est, params, batch, jax.random.key(1))
-        chex.assert_trees_all_close(grads, local_loss_gradient(fn, params, batch, key), rtol=1e-9, atol=1e-12)
+        oracle = local_loss_gradient(fn, params, batch, random_readouts(key))
+        chex.assert_trees_all_close(grads, oracle, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(loss, CE(fn(params, batch["x"]), batch["y"]), rtol=1e-12)  # the true loss
         # The local objective differs from the global one: the hidden blocks' gradients are not backprop's.
         assert not np.allclose(grads[0]["linear"]["kernel"], exact_gradient(fn, params, batch)[0]["linear"]["kernel"])
+
+
+def test_learned_readouts_take_an_sgd_step_on_their_local_loss_and_drive_the_estimate():
+    fn, params, batch = mlp_problem()
+    rate, key = 0.5, jax.random.key(2)
+    options = {"num_tangents": max(HIDDEN), "aggregation": "orthogonal_projection", "local_losses": True}
+    est = activity_forward_gradient(fn, CE, **options, readout_key=key, readout_learning_rate=rate, input_shape=(6,))
+
+    @jax.jit
+    def two_steps(params, batch, state):
+        _, first, state = est.value_and_grad(params, state, batch, key=jax.random.key(0))
+        _, second, new_state = est.value_and_grad(params, state, batch, key=jax.random.key(1))
+        return first, state, second, new_state
+
+    with jax.enable_x64(True):
+        state = est.init(params)
+        assert isinstance(state, jaxalgo.grads.LocalReadoutState)
+        chex.assert_trees_all_close(list(state.readouts), random_readouts(key), rtol=1e-12)
+        first, after_one, second, _ = two_steps(params, batch, state)
+        # The readouts moved by one SGD step on their own loss; the gradients used the readouts of their step.
+        hidden = fn.block_outputs(params, batch["x"])[:-1]
+        for h, old, new in zip(hidden, state.readouts, after_one.readouts, strict=True):
+            grad = jax.grad(lambda r, h=h: CE(h @ r, batch["y"]))(old)
+            np.testing.assert_allclose(new, old - rate * grad, rtol=1e-10, atol=1e-14)
+            assert np.abs(new - old).max() > 1e-4
+        chex.assert_trees_all_close(first, local_loss_gradient(fn, params, batch, state.readouts), rtol=1e-9)
+        chex.assert_trees_all_close(second, local_loss_gradient(fn, params, batch, after_one.readouts), rtol=1e-9)
 
 
 def test_mean_is_unbiased_and_sum_is_k_times_mean():
@@ -144,7 +176,8 @@ def test_mean_is_unbiased_and_sum_is_k_times_mean():
     def alphas(keys):
         results = []
         for local in (False, True):
-            target = local_loss_gradient(fn, params, batch, readout_key) if local else exact_gradient(fn, params, batch)
+            target = local_loss_gradient(fn, params, batch, random_readouts(readout_key)) if local else None
+            target = exact_gradient(fn, params, batch) if target is None else target
             target = flat(target)
             mean = activity_forward_gradient(fn, CE, num_tangents=k, aggregation="mean", local_losses=local)
             total = activity_forward_gradient(fn, CE, num_tangents=k, aggregation="sum", local_losses=local)
@@ -246,6 +279,12 @@ def test_bad_inputs_name_the_argument():
         est.value_and_grad(params, None, {"x": batch["x"]}, key=jax.random.key(0))
     with pytest.raises(ValueError, match="params: expected a sequence of 3 per-block dicts"):
         est.value_and_grad(params[:2], None, batch, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"readout_learning_rate: must be a number >= 0, got -1\.0"):
+        activity_forward_gradient(fn, CE, num_tangents=1, local_losses=True, readout_learning_rate=-1.0)
+    with pytest.raises(ValueError, match="readout_learning_rate: learned readouts need local_losses=True"):
+        activity_forward_gradient(fn, CE, num_tangents=1, readout_learning_rate=0.1, input_shape=(6,))
+    with pytest.raises(ValueError, match="input_shape: learned readouts"):
+        activity_forward_gradient(fn, CE, num_tangents=1, local_losses=True, readout_learning_rate=0.1)
     with pytest.raises(TypeError, match="params: leaf"):
         est.init(jax.tree.map(lambda a: a.astype(jnp.int32), params))
 

@@ -36,7 +36,10 @@ keeps the true loss, and each block learns from its own objective only: block in
 (the stop-gradient between blocks of local learning), so ``u_l`` reaches only ``L_l`` and every block gets its own
 directional derivatives ``d_{l,b,i} = <partial L_l / partial h_{l,b}, u_{l,i}>``, its own Gram matrix
 ``U_l U_l^T`` and its own estimate. The target is then ``grad_{theta_l} L_l(f_l(theta_l, sg(h_{l-1})))``, a lower-
-dimensional (lower-variance) estimation problem per block; ``loss`` is still the true output loss.
+dimensional (lower-variance) estimation problem per block; ``loss`` is still the true output loss. With
+``readout_learning_rate > 0`` the readouts are learned instead (Ren et al. train their local heads): they live in the
+estimator's state and every step takes a plain gradient step ``R_l <- R_l - lr * flatten(h_l)^T dL_l/dr_l`` on their
+own local loss (the exact gradient of one linear map, not part of the model's gradient).
 
 Simulated mode. ``mode="simulated"`` computes the activity gradients ``delta_l`` by backprop and then
 ``d_{b,i} = sum_l <delta_{l,b}, u_{l,i}>`` (the reference's default for its network runs): a test oracle and a
@@ -63,7 +66,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +76,13 @@ from jaxalgo.grads._estimator import EmptyState, Estimator, check_float_params
 
 TANGENTS: tuple[str, ...] = ("gaussian", "rademacher")
 MODES: tuple[str, ...] = ("forward", "simulated")
+
+
+class LocalReadoutState(NamedTuple):
+    """State of an activity-perturbation estimator with learned local readouts: one ``(|h_l|, C)`` matrix per hidden
+    block."""
+
+    readouts: tuple[jax.Array, ...]
 
 
 def _check_options(num_tangents: Any, aggregation: Any, tangents: Any, mode: Any) -> None:
@@ -158,6 +168,8 @@ def activity_forward_gradient(
     mode: str = "forward",
     local_losses: bool = False,
     readout_key: jax.Array | None = None,
+    readout_learning_rate: float = 0.0,
+    input_shape: Sequence[int] | None = None,
 ) -> Estimator:
     """Multi-tangent forward gradient by activity perturbation (FROG with ``aggregation="orthogonal_projection"``).
 
@@ -181,7 +193,11 @@ def activity_forward_gradient(
       mode: ``"forward"`` (directional derivatives by ``jax.jvp``) or ``"simulated"`` (by backprop, then ``U delta``;
         a test oracle and for parity with the paper).
       local_losses: give each hidden block its own loss through a fixed random linear readout (see above).
-      readout_key: the PRNG key of the readouts; default ``jax.random.key(0)``.
+      readout_key: the PRNG key of the readouts (their initial value when learned); default ``jax.random.key(0)``.
+      readout_learning_rate: ``0`` keeps the random readouts fixed (stateless estimator); ``> 0`` learns them by SGD
+        at this rate on their local losses, in the estimator state (:class:`LocalReadoutState`).
+      input_shape: the shape of one input example, without the batch axis; needed (only) by learned readouts, whose
+        shapes ``init`` derives from it.
 
     Returns:
       An :class:`~jaxalgo.grads.Estimator` (stateless); ``value_and_grad(params, state, batch, *, key)`` takes a batch
@@ -202,6 +218,15 @@ def activity_forward_gradient(
     if not callable(output_loss):
         raise TypeError(f"output_loss: expected a callable, got {type(output_loss).__name__}")
     _check_options(num_tangents, aggregation, tangents, mode)
+    if isinstance(readout_learning_rate, bool) or not isinstance(readout_learning_rate, int | float):
+        raise TypeError(f"readout_learning_rate: must be a number >= 0, got {readout_learning_rate!r}")
+    if not readout_learning_rate >= 0:
+        raise ValueError(f"readout_learning_rate: must be a number >= 0, got {readout_learning_rate!r}")
+    learned = readout_learning_rate > 0
+    if learned and not local_losses:
+        raise ValueError("readout_learning_rate: learned readouts need local_losses=True")
+    if learned and input_shape is None:
+        raise ValueError("input_shape: learned readouts (readout_learning_rate > 0) need one input example's shape")
     k = num_tangents
     num_blocks = chain.num_blocks
     if readout_key is None:
@@ -226,7 +251,7 @@ def activity_forward_gradient(
             raise ValueError("batch: expected a mapping with keys 'x' (inputs) and 'y' (targets)")
 
     def readouts(outputs):
-        """Fixed random readouts R_l (|h_l|, C) for the hidden blocks."""
+        """Random readouts R_l (|h_l|, C) for the hidden blocks (fixed, or the initial learned ones)."""
         width = outputs[-1].shape[-1]
         mats = []
         for index, h in enumerate(outputs[:-1]):
@@ -330,7 +355,10 @@ def activity_forward_gradient(
         )
         flat_us = [_flat(u, 1) for u in us]
         if local_losses:
-            ds = directional_local(outputs, us, labels, readouts(outputs))
+            mats = list(state.readouts) if learned else readouts(outputs)
+            ds = directional_local(outputs, us, labels, mats)
+            if learned:
+                state = LocalReadoutState(tuple(train_readouts(outputs[:-1], mats, labels)))
             coefficient_sets = [
                 _coefficients(aggregation, d, [fu]) * correction(fu.shape[1]) for d, fu in zip(ds, flat_us, strict=True)
             ]
@@ -344,9 +372,21 @@ def activity_forward_gradient(
             grads.append(vjp(delta_hat)[0])
         return loss, type(params)(grads), state
 
+    def train_readouts(hidden_outputs, mats, labels):
+        """One SGD step of every readout on its own local loss (exact gradient of the linear head)."""
+        new = []
+        for h, r in zip(hidden_outputs, mats, strict=True):
+            grad_r = jax.grad(lambda m, h=h: checked_loss(_flat(h, 1) @ m, labels))(r)
+            new.append(r - readout_learning_rate * grad_r.astype(r.dtype))
+        return new
+
     def init(params):
         check_float_params(params)
-        return EmptyState()
+        if not learned:
+            return EmptyState()
+        x = jax.ShapeDtypeStruct((1, *input_shape), jax.tree.leaves(params)[0].dtype)
+        shapes = jax.eval_shape(chain.block_outputs, params, x)
+        return LocalReadoutState(tuple(readouts([jnp.zeros(o.shape, o.dtype) for o in shapes])))
 
     return Estimator(init, value_and_grad)
 
