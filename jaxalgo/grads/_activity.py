@@ -48,10 +48,10 @@ pass, so it is no backprop-free algorithm: a test oracle and a way to match the 
 Relation to the reference. The FROG reference perturbs the output of every layer that has parameters (for its
 MLPs: the linear layers, i.e. pre-activations); jaxalgo's blocks contain their activation, so here the perturbation
 is after it. Its simulated path works as above (per-example directional derivatives, one projection over the
-concatenated tangents of all blocks). Its forward-mode path is defective as we read it: it detaches each layer's
-input, which in PyTorch also drops the forward tangent, so only the last layer's perturbation reaches the loss,
-and it uses the scalar directional derivative of the batch-mean loss for every example; jaxalgo's forward mode
-equals its simulated mode instead (tested).
+concatenated tangents of all blocks). Its forward-mode path is defective: it detaches each layer's input, which
+in PyTorch also drops the forward tangent (documented for ``Tensor.detach``), so only the last layer's perturbation
+reaches the loss, and it uses the scalar directional derivative of the batch-mean loss for every example;
+jaxalgo's forward mode equals its simulated mode instead (tested).
 
 References:
   Flügel et al., "Beyond Backpropagation: Optimization with Multi-Tangent Forward Gradients", arXiv 2410.17764,
