@@ -14,6 +14,7 @@ import pytest
 
 import jaxalgo
 import jaxalgo.losses
+import jaxalgo.parallel
 from jaxalgo.config import TrainConfig
 from jaxalgo.grads import activity_forward_gradient, sample_activity_tangents
 from jaxalgo.train import train_and_evaluate
@@ -236,6 +237,22 @@ def test_tangents_are_folded_per_index_and_shared_by_the_batch():
     unit = draw(jax.random.key(7), 2, normalize=True)
     norms = np.linalg.norm(np.concatenate([u.reshape(2, -1) for u in unit], axis=1), axis=1)
     np.testing.assert_allclose(norms, 1.0, rtol=1e-6)
+
+
+def test_data_parallel_estimate_equals_the_single_device_estimate():
+    # Every shard draws the same tangents from the same key and each example's estimate depends only on that
+    # example, so averaging the shards' estimates of their mean losses gives the full-batch estimate.
+    fn, params, batch = mlp_problem(batch_size=16)
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    batch = {"x": batch["x"].astype(np.float32), "y": batch["y"]}
+    est = activity_forward_gradient(fn, CE, num_tangents=3, aggregation="orthogonal_projection")
+    parallel = jaxalgo.parallel.data_parallel(est, jaxalgo.parallel.make_mesh((2, 4)))
+    single_loss, single, _ = estimate(est, params, batch, jax.random.key(3))
+    loss, grads, _ = jax.jit(lambda p, b, k: parallel.value_and_grad(p, parallel.init(p), b, key=k))(
+        params, batch, jax.random.key(3)
+    )
+    np.testing.assert_allclose(loss, single_loss, rtol=1e-5)
+    chex.assert_trees_all_close(grads, single, rtol=1e-4, atol=1e-6)
 
 
 def test_bfloat16_parameters_give_finite_estimates_in_their_dtype():
