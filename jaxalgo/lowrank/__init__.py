@@ -4,13 +4,14 @@ Public API:
 
 - SVD helpers (:mod:`jaxalgo.lowrank._svd`): ``as_matrix``, ``factorize``, ``compose``, ``ab_factors``,
   ``cutoff_rank``, ``limited_rank``, ``rank_buckets``, ``bucket_size``, ``Factors``.
-- Factorised layers: ``LowRankDense``, ``factorize_chain``, ``densify_chain``, ``find_layers``, ``LayerInfo``,
-  ``factored_is_cheaper``, ``layer_params``, ``with_layer_params``.
+- Factorised layers: ``LowRankDense``, ``LowRankConv``, ``factorize_chain``, ``densify_chain``, ``find_layers``,
+  ``LayerInfo``, ``factored_is_cheaper``, ``layer_params``, ``with_layer_params``.
 - Optimizer plumbing: ``freeze_factors``, ``keep_count``, ``map_param_moments``, ``trainable_part``.
 - OIALR: ``OIALRConfig``, ``LowRankStatus``, ``convert``, ``stability_check``, ``check_window``,
   ``trainable_counts``, and ``OIALRTrainer`` (the training-loop hook).
 """
 
+from jaxalgo.lowrank._conv import LowRankConv
 from jaxalgo.lowrank._hook import OIALRTrainer, oialr_config_from_train_config
 from jaxalgo.lowrank._layers import (
     LayerInfo,
@@ -46,6 +47,7 @@ from jaxalgo.lowrank._svd import (
 __all__ = [
     "Factors",
     "LayerInfo",
+    "LowRankConv",
     "LowRankDense",
     "LowRankStatus",
     "OIALRConfig",

@@ -84,6 +84,11 @@ def factorize(matrix: jax.Array, rank: int | None = None) -> Factors:
     return Factors(u[:, :r], jnp.diag(s[:r]), vt[:r].T)
 
 
+def factored_is_cheaper(m: int, n: int, r: int) -> bool:
+    """Whether ``x U (S V^T)`` costs fewer multiply-adds per example than ``x W``: ``r (m + n) < m n``."""
+    return r * (m + n) < m * n
+
+
 def compose(factors: Factors) -> jax.Array:
     """The dense matrix ``U S V^T``."""
     u, s, v = factors
