@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn.linear import canonicalize_padding
 
-from jaxalgo.lowrank._svd import Factors, factored_is_cheaper
+from jaxalgo.lowrank._svd import Factors, factored_is_cheaper, host_compose
 
 Padding = str | tuple[tuple[int, int], ...]
 
@@ -159,8 +159,8 @@ class LowRankConv(nnx.Module):
         return jnp.reshape(y, (*batch, *y.shape[1:]))
 
     def to_dense(self) -> nnx.Conv:
-        """The equivalent ``nnx.Conv`` with ``kernel = reshape(U S V^T)`` and the same bias."""
-        u, s, v = self.U[...], self.S[...], self.V[...]
+        """The equivalent ``nnx.Conv`` with ``kernel = reshape(U S V^T)`` and the same bias (outside jit)."""
+        kernel = host_compose(Factors(self.U[...], self.S[...], self.V[...]), (*self.in_shape, self.out_features))
         conv = nnx.Conv(
             self.in_features,
             self.out_features,
@@ -170,12 +170,12 @@ class LowRankConv(nnx.Module):
             input_dilation=self.input_dilation,
             kernel_dilation=self.kernel_dilation,
             use_bias=self.bias is not None,
-            param_dtype=u.dtype,
+            param_dtype=kernel.dtype,
             precision=self.precision,
-            kernel_init=nnx.initializers.zeros_init(),
+            kernel_init=lambda *_: kernel,
+            bias_init=nnx.initializers.zeros_init(),
             rngs=nnx.Rngs(0),
         )
-        conv.kernel[...] = jnp.reshape((u @ s) @ v.T, (*self.in_shape, self.out_features))
         if self.bias is not None:
             conv.bias[...] = self.bias[...]
         return conv

@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from jaxalgo.lowrank._conv import LowRankConv, conv_view
-from jaxalgo.lowrank._svd import Factors, as_matrix, factored_is_cheaper, factorize
+from jaxalgo.lowrank._svd import Factors, factored_is_cheaper, host_compose, host_factorize
 from jaxalgo.models import ChainFn, ChainParams
 
 U_NAME, S_NAME, V_NAME = "U", "S", "V"
@@ -261,7 +261,7 @@ def factorize_chain(
         for key in info.path:
             node = _get(node, key)
         kind, in_shape, out_shape = _dense_view(node)
-        factors = factorize(as_matrix(node.kernel[...], len(in_shape)))
+        factors = host_factorize(node.kernel[...], len(in_shape))
         rank, size = ranks.get(info.name, (info.full_rank, info.full_rank))
         if not (isinstance(rank, int) and 1 <= rank <= size <= info.full_rank):
             raise ValueError(
@@ -295,12 +295,16 @@ def densify_chain(fn: ChainFn, params: ChainParams) -> tuple[ChainFn, ChainParam
                 module = modules[index]
                 continue
             u, s, v = node.U[...], node.S[...], node.V[...]
-            kernel = jnp.reshape((u @ s) @ v.T, (*node.in_shape, *node.out_shape))
+            kernel = host_compose(Factors(u, s, v), (*node.in_shape, *node.out_shape))
             use_bias = node.bias is not None
             rngs = nnx.Rngs(0)
+            init = {
+                "kernel_init": lambda _key, shape, _dtype, kernel=kernel: kernel.reshape(shape),
+                "bias_init": nnx.initializers.zeros_init(),
+            }
             if node.kind == "linear":
                 dense = nnx.Linear(
-                    node.in_shape[0], node.out_shape[0], use_bias=use_bias, param_dtype=u.dtype, rngs=rngs
+                    node.in_shape[0], node.out_shape[0], use_bias=use_bias, param_dtype=u.dtype, rngs=rngs, **init
                 )
             else:
                 k = len(node.in_shape)
@@ -311,9 +315,9 @@ def densify_chain(fn: ChainFn, params: ChainParams) -> tuple[ChainFn, ChainParam
                     use_bias=use_bias,
                     param_dtype=u.dtype,
                     rngs=rngs,
+                    **init,
                 )
             dense.precision = node.precision
-            dense.kernel[...] = kernel
             if use_bias:
                 dense.bias[...] = node.bias[...]
             modules[index] = _replace(module, path, dense)
