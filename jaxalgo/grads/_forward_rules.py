@@ -23,6 +23,9 @@ Rules here:
   channels, and output channel ``o`` of tangent ``i`` is that conv's channel ``i`` scaled by ``a_i[o]``.
 - ``transpose``, ``convert_element_type``, ``copy`` and ``reshape`` that only inserts or drops axes of length 1:
   the factors follow the array symbolically. Other reshapes of a weight materialise its tangent.
+- ``broadcast_in_dim`` (a position embedding ``(tokens, dim)`` added to a batch ``(n, tokens, dim)``): the
+  factors follow their axes to the output, axes broadcast from length 1 repeat their factor's entries, and the new
+  axes get a factor of ones, so the result is still an outer product.
 - ``add``, ``sub``: the output tangent is dense anyway; the (small) weight tangent is multiplied out.
 """
 
@@ -126,6 +129,21 @@ def _reshape_rule(primals, index, tangent, params):
     return FactoredTangent(tuple(factors), tuple(tuple(g) for g in groups), new)
 
 
+def _broadcast_rule(primals, index, tangent, params):
+    """``broadcast_in_dim``: operand axis ``ax`` becomes output axis ``dims[ax]``; the other output axes are new."""
+    shape, dims = tuple(params["shape"]), tuple(params["broadcast_dimensions"])
+    k = tangent.num_tangents
+    groups, factors = [], []
+    for group, factor in zip(tangent.groups, tangent.factors, strict=True):
+        groups.append(tuple(dims[ax] for ax in group))
+        factors.append(jnp.broadcast_to(factor, (k, *[shape[dims[ax]] for ax in group])))
+    new_axes = tuple(ax for ax in range(len(shape)) if ax not in dims)
+    if new_axes:
+        groups.append(new_axes)
+        factors.append(jnp.ones((k, *[shape[ax] for ax in new_axes]), tangent.dtype))
+    return FactoredTangent(tuple(factors), tuple(groups), shape)
+
+
 def _add_rule(primals, index, tangent, params):
     """``x + W``: the output tangent is as large as the output whatever the tangent, so the factors are multiplied
     out here (``k`` times the size of ``W``, at most the size of the output tangent)."""
@@ -147,6 +165,7 @@ RULES: dict[str, Rule] = {
     "conv_general_dilated": _conv_rule,
     "transpose": _transpose_rule,
     "reshape": _reshape_rule,
+    "broadcast_in_dim": _broadcast_rule,
     "convert_element_type": _convert_rule,
     "add": _add_rule,
     "add_any": _add_rule,
