@@ -8,7 +8,7 @@ Public API:
   ``LayerInfo``, ``factored_is_cheaper``, ``layer_params``, ``with_layer_params``.
 - Optimizer plumbing: ``freeze_factors``, ``keep_count``, ``map_param_moments``, ``trainable_part``.
 - OIALR: ``OIALRConfig``, ``LowRankStatus``, ``convert``, ``stability_check``, ``check_window``,
-  ``trainable_counts``, and ``OIALRTrainer`` (the training-loop hook).
+  ``trainable_counts``, ``storage_sizes``, and ``OIALRTrainer`` (the training-loop hook).
 """
 
 from jaxalgo.lowrank._conv import LowRankConv
@@ -29,6 +29,7 @@ from jaxalgo.lowrank._oialr import (
     check_window,
     convert,
     stability_check,
+    storage_sizes,
     trainable_counts,
 )
 from jaxalgo.lowrank._optim import freeze_factors, keep_count, map_param_moments, trainable_part
@@ -72,6 +73,7 @@ __all__ = [
     "oialr_config_from_train_config",
     "rank_buckets",
     "stability_check",
+    "storage_sizes",
     "trainable_counts",
     "trainable_part",
     "with_layer_params",
