@@ -133,7 +133,7 @@ class LayerInfo:
         return min(self.m, self.n)
 
 
-def _dense_view(module: nnx.Module) -> tuple[str, tuple[int, ...], tuple[int, ...]] | None:
+def _layer_view(module: nnx.Module) -> tuple[str, tuple[int, ...], tuple[int, ...]] | None:
     """``(kind, in_shape, out_shape)`` of a module that can be factorised, or ``None``.
 
     ``kind`` is ``"linear"``, ``"linear_general"`` or ``"conv"`` (``in_shape = (*window, c_in)``).
@@ -206,7 +206,7 @@ def find_layers(fn: ChainFn, params: ChainParams, *, min_aspect: float = 0.1) ->
         for path, node in nnx.iter_graph(module):
             if not isinstance(node, nnx.Module) or isinstance(node, LowRankDense | LowRankConv):
                 continue
-            view = _dense_view(node)
+            view = _layer_view(node)
             if view is None:
                 continue
             _, in_shape, out_shape = view
@@ -260,7 +260,7 @@ def factorize_chain(
         node = module
         for key in info.path:
             node = _get(node, key)
-        kind, in_shape, out_shape = _dense_view(node)
+        kind, in_shape, out_shape = _layer_view(node)
         factors = host_factorize(node.kernel[...], len(in_shape))
         rank, size = ranks.get(info.name, (info.full_rank, info.full_rank))
         if not (isinstance(rank, int) and 1 <= rank <= size <= info.full_rank):
