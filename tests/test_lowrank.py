@@ -353,3 +353,17 @@ def test_storage_is_compacted_for_the_whole_model_when_padding_exceeds_the_ratio
         sizes = new
     live = sum(r * (128 + r) for r in ranks.values())
     assert shapes <= 1 + math.log(12 * 64 * 192 / live) / math.log(2.0)
+
+
+def test_compaction_moves_padded_layers_outside_the_window_exactly(x64):
+    fn, params = mlp_chain(widths=(24, 20, 16, 4), dtype=jnp.float64)
+    tx = optax.adam(1e-2)
+    config = lowrank.OIALRConfig(cutoff=1e-6, window_growth=0.1, bucket_ratio=1.0)  # the window: the last layer
+    _, p2, s2, layers, status = lowrank.convert(fn, params, tx.init(params), tx, config, ranks={"0": (5, 20)})
+    assert [i.name for i in layers] == ["0", "2", "4"] and status.sizes["0"] == 20
+    dense = lambda p: np.asarray(p[0]["U"]) @ np.asarray(p[0]["S"]) @ np.asarray(p[0]["V"]).T
+    p3, s3, st3, report = lowrank.stability_check(p2, s2, tx, layers, status, config)
+    assert list(report) == ["4"] and st3.sizes["0"] == st3.ranks["0"] == 5  # compacted although not checked
+    assert p3[0]["S"].shape == (5, 5) and p3[0]["U"].shape == (24, 5)
+    np.testing.assert_allclose(dense(p3), dense(p2), atol=1e-12)
+    chex.assert_trees_all_equal_shapes(s3[0].mu, lowrank.trainable_part(p3))
