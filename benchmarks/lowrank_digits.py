@@ -41,7 +41,7 @@ RUNS = {
     ),
     "resnet": (
         {"model": "resnet", "epochs": 10},
-        {"lowrank": "oialr", "lowrank_delay": 66, "lowrank_frequency": 11, "lowrank_cutoff": 0.3},
+        {"lowrank": "oialr", "lowrank_delay": 66, "lowrank_frequency": 11, "lowrank_cutoff": 0.4},
     ),
 }
 
