@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxalgo import lowrank
 from jaxalgo.grads import rank1_directional, rank1_fallbacks
 from jaxalgo.grads._rank1_tangents import FactoredTangent, sample_tangents, tangent_keys
 from jaxalgo.models import build_model, split_chain
@@ -30,12 +31,23 @@ def float64():
 
 
 def model_problem(name):
-    """The model's pure function, float64 parameters and a batch, built without XLA work (abstract init)."""
-    make = lambda: build_model(name, input_shape=INPUT_SHAPE, num_outputs=3, key=jax.random.key(0), **MODELS[name])
+    """The model's pure function, float64 parameters and a batch, built without XLA work (abstract init).
+
+    ``"resnet-oialr"``: the resnet with every eligible layer factorised by OIALR at rank 2 (stored at size 3)
+    where the layer allows, so its
+    convolutions run in factored form and its frozen bases pass through ``stop_gradient``.
+    """
+    model = name.removesuffix("-oialr")
+    make = lambda: build_model(model, input_shape=INPUT_SHAPE, num_outputs=3, key=jax.random.key(0), **MODELS[model])
     fn, abstract = split_chain(nnx.eval_shape(make))
     rng = np.random.default_rng(0)
     leaves, treedef = jax.tree.flatten(abstract)
     params = jax.tree.unflatten(treedef, [jnp.asarray(0.5 * rng.standard_normal(x.shape)) for x in leaves])
+    if name.endswith("-oialr"):
+        ranks = {
+            info.name: (min(2, info.full_rank), min(3, info.full_rank)) for info in lowrank.find_layers(fn, params)
+        }
+        fn, params, _ = lowrank.factorize_chain(fn, params, ranks=ranks)
     batch = {"x": jnp.asarray(rng.standard_normal((5, *INPUT_SHAPE))), "y": jnp.asarray(np.arange(5) % 3)}
 
     def loss_fn(params, batch):
@@ -45,7 +57,7 @@ def model_problem(name):
     return loss_fn, params, batch
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", [*MODELS, "resnet-oialr"])
 def test_rank1_directional_derivatives_equal_jvp_on_the_library_models(name):
     loss_fn, params, batch = model_problem(name)
     assert rank1_fallbacks(loss_fn, params, batch) == []  # every weight tangent stays factored all the way

@@ -8,7 +8,8 @@ A rule pushes ``k`` factored tangents of one input of one primitive forward with
 (a :class:`FactoredTangent`), ``params`` the equation's parameters. It returns that input's contribution to the
 output tangent, stacked ``(k, *out.shape)`` (the JVP is linear in the tangents, so contributions of several
 inputs add up), or a :class:`FactoredTangent` for structural primitives (transpose, dtype conversion), or
-``None`` when it does not apply, in which case the interpreter materialises the tangent for this equation.
+``None`` when it does not apply, in which case the interpreter materialises the tangent for this equation, or
+:data:`NO_CONTRIBUTION` when the input's tangent does not reach the output (``stop_gradient``).
 
 Adding a layer type means writing one rule and registering it in :data:`RULES`; each rule is tested against
 ``jax.jvp`` with the materialised tangent.
@@ -26,6 +27,8 @@ Rules here:
 - ``broadcast_in_dim`` (a position embedding ``(tokens, dim)`` added to a batch ``(n, tokens, dim)``): the
   factors follow their axes to the output, axes broadcast from length 1 repeat their factor's entries, and the new
   axes get a factor of ones, so the result is still an outer product.
+- ``stop_gradient`` (the frozen bases ``U``, ``V`` of OIALR's factorised layers): no contribution at all, so
+  nothing downstream is computed for that tangent.
 - ``add``, ``sub``: the output tangent is dense anyway; the (small) weight tangent is multiplied out.
 """
 
@@ -43,6 +46,9 @@ from jaxalgo.grads._rank1_tangents import FactoredTangent
 Rule = Callable[[Sequence[Any], int, FactoredTangent, dict[str, Any]], "jax.Array | FactoredTangent | None"]
 
 _LETTERS = string.ascii_letters.replace("z", "")
+
+NO_CONTRIBUTION = object()
+"""Returned by a rule whose input tangent does not reach the output (the output tangent gets nothing from it)."""
 
 
 def _dot_general_rule(primals, index, tangent, params):
@@ -156,6 +162,10 @@ def _sub_rule(primals, index, tangent, params):
     return -out if index == 1 else out
 
 
+def _stop_gradient_rule(primals, index, tangent, params):
+    return NO_CONTRIBUTION
+
+
 def _identity_rule(primals, index, tangent, params):
     return tangent
 
@@ -170,6 +180,7 @@ RULES: dict[str, Rule] = {
     "add": _add_rule,
     "add_any": _add_rule,
     "sub": _sub_rule,
+    "stop_gradient": _stop_gradient_rule,
     "copy": _identity_rule,
     "copy_p": _identity_rule,
 }
