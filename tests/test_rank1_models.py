@@ -33,9 +33,9 @@ def float64():
 def model_problem(name):
     """The model's pure function, float64 parameters and a batch, built without XLA work (abstract init).
 
-    ``"resnet-oialr"``: the resnet with every eligible layer factorised by OIALR at rank 2 (stored at size 3)
-    where the layer allows, so its
-    convolutions run in factored form and its frozen bases pass through ``stop_gradient``.
+    ``"resnet-oialr"``: the resnet with every eligible layer factorised by OIALR at rank 2 (stored at size 3) where
+    the layer allows, so its wider convolutions run in factored form and its frozen bases pass through
+    ``stop_gradient``.
     """
     model = name.removesuffix("-oialr")
     make = lambda: build_model(model, input_shape=INPUT_SHAPE, num_outputs=3, key=jax.random.key(0), **MODELS[model])
