@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lowrank-bucket-ratio",
         type=float,
         default=DEFAULTS.lowrank_bucket_ratio,
-        help="ratio between stored rank buckets (1: exact shapes, one re-compilation per cut)",
+        help="compact padded factors above this ratio x the live ones (1: exact shapes, one compile per cut)",
     )
     add("--lowrank-rotate-moments", action="store_true", help="rotate optimizer moments of S at each check")
     add(

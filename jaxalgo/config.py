@@ -42,7 +42,8 @@ class TrainConfig:
       lowrank_delay: OIALR full-rank warm-up steps before conversion (>= 0).
       lowrank_frequency: steps between OIALR stability checks (>= 1).
       lowrank_cutoff: OIALR relative singular-value cutoff, in (0, 1).
-      lowrank_bucket_ratio: ratio between rank buckets (>= 1; 1 = exact shapes, a re-compilation per cut).
+      lowrank_bucket_ratio: cut layers stay zero-padded until the stored factors exceed this ratio times the live
+        ones, then all are compacted (>= 1; 1 = exact shapes, a re-compilation per cut).
       lowrank_rotate_moments: rotate the optimizer moments of S with the bases at each stability check.
       parallel: data parallelism: "none" (one device), "ddp" (gradient all-reduce every step) or "daso".
       mesh: devices as NODESxLOCAL, e.g. "2x4" (default with ddp/daso: one node per process).
