@@ -36,7 +36,9 @@ SETTINGS = {
     "digits": dict(
         dataset="digits", hidden=(256, 256), loss="sigmoid_bce", lr=1e-3, batch_size=50, epochs=30, metric="accuracy"
     ),
-    "diabetes": dict(dataset="diabetes", hidden=(256, 256), loss="mse", lr=1e-3, batch_size=50, epochs=100, metric="mae"),
+    "diabetes": dict(
+        dataset="diabetes", hidden=(256, 256), loss="mse", lr=1e-3, batch_size=50, epochs=100, metric="mae"
+    ),
     "separating": dict(
         dataset="digits", hidden=(32,) * 8, loss="sigmoid_bce", lr=1e-3, batch_size=50, epochs=30, metric="accuracy"
     ),
@@ -94,8 +96,9 @@ def main(parts: list[str]) -> None:
         "benchmark": "f3_fidelity",
         "seeds": list(SEEDS),
         "devices": jax.device_count(),
-        "settings": {name: {k: list(v) if isinstance(v, tuple) else v for k, v in SETTINGS[name].items()}
-                     for name in parts},
+        "settings": {
+            name: {k: list(v) if isinstance(v, tuple) else v for k, v in SETTINGS[name].items()} for name in parts
+        },
     }
     for name in parts:
         results[name] = measure(name)

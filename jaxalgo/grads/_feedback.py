@@ -20,6 +20,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -38,6 +39,11 @@ def check_feedback_init(init: str) -> str:
 def feedback_matrix(key: jax.Array, shape: tuple[int, int], init: str, dtype=jnp.float32) -> jax.Array:
     """One feedback matrix of ``shape = (rows, cols)`` drawn as ``init`` says (see the module docstring)."""
     check_feedback_init(init)
+    return _draw(key, tuple(int(s) for s in shape), init, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _draw(key: jax.Array, shape: tuple[int, int], init: str, dtype) -> jax.Array:
     rows, cols = shape
     if init == "kaiming_uniform":
         bound = 1.0 / jnp.sqrt(jnp.asarray(cols, dtype))
