@@ -20,18 +20,14 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
+import optax
 
-from jaxalgo import data
-from jaxalgo.config import TrainConfig
-from jaxalgo.train import make_evaluate, make_train_step, setup
+from jaxalgo import data, grads, losses, models
+from jaxalgo.train import TrainState, make_evaluate, make_train_step
 
 SEEDS = (0, 1, 2)
-METHODS = {  # name -> (estimator, f3 variant)
-    "BP": ("backprop", "delayed_error"),
-    "DRTP": ("drtp", "delayed_error"),
-    "DFA": ("dfa", "delayed_error"),
-    "F3": ("f3", "delayed_error"),
-}
+METHODS = ("BP", "DRTP", "DFA", "F3")
 SETTINGS = {
     "digits": dict(
         dataset="digits", hidden=(256, 256), loss="sigmoid_bce", lr=1e-3, batch_size=50, epochs=30, metric="accuracy"
@@ -45,39 +41,44 @@ SETTINGS = {
 }
 
 
-def run(setting: dict, estimator: str, variant: str, seed: int) -> float:
-    """Trains one configuration and returns its final test accuracy (percent) or test MAE (original units)."""
-    options = {k: v for k, v in setting.items() if k != "metric"}
-    config = TrainConfig(
-        model="mlp",
-        activation="tanh",
-        optimizer="adam",
-        estimator=estimator,
-        f3_variant=variant,
-        feedback_reduction="sum",
-        seed=seed,
-        quiet=True,
-        **options,
-    )
-    experiment = setup(config)
-    step = make_train_step(experiment.estimator, experiment.optimizer)
-    evaluate = make_evaluate(experiment.chain, experiment.output_loss, experiment.dataset)
-    state = experiment.init_state()
-    from jaxalgo.train import _seeds  # the run's data-order seed, as train_and_evaluate draws it
+SPLIT_SEED = 1  # one train/test split for all seeds, as the reference (random_state=1); seeds vary init and order
 
-    _, data_seed, _ = _seeds(seed)
-    for epoch in range(config.epochs):
-        for batch in data.iterate_batches(experiment.dataset, config.batch_size, seed=data_seed, epoch=epoch):
-            state, _ = step(state, batch, experiment.run_key)
-    result = evaluate(state.params)
+
+def build_estimator(method: str, fn, output_loss, input_shape, y_train, key) -> grads.Estimator:
+    """The estimator of one method; hidden updates sum over the batch as in the reference."""
+    if method == "BP":
+        return grads.backprop(lambda p, b: output_loss(fn.apply(p, b["x"]), b["y"]))
+    common = dict(input_shape=input_shape, hidden_reduction="sum", key=key)
+    if method == "F3":
+        return grads.f3(fn, output_loss, train_targets=y_train, variant="delayed_error", **common)
+    return {"DRTP": grads.drtp, "DFA": grads.dfa, "LLO": grads.last_layer_only}[method](fn, output_loss, **common)
+
+
+def run(setting: dict, method: str, seed: int) -> float:
+    """Trains one configuration and returns its final test accuracy (percent) or test MAE (original units)."""
+    dataset = data.load_dataset(setting["dataset"], seed=SPLIT_SEED, test_fraction=0.2)
+    init_key, feedback_key = jax.random.split(jax.random.key(seed))
+    chain = models.mlp(
+        dataset.input_shape, dataset.num_outputs, hidden=setting["hidden"], activation="tanh", key=init_key
+    )
+    fn, params = models.split_chain(chain)
+    output_loss = losses.get_loss(setting["loss"])
+    estimator = build_estimator(method, fn, output_loss, dataset.input_shape, dataset.y_train, feedback_key)
+    optimizer = optax.adam(setting["lr"])
+    step = make_train_step(estimator, optimizer)
+    state = TrainState(jnp.zeros((), jnp.int32), params, estimator.init(params), optimizer.init(params))
+    for epoch in range(setting["epochs"]):
+        for batch in data.iterate_batches(dataset, setting["batch_size"], seed=seed, epoch=epoch):
+            state, _ = step(state, batch, feedback_key)
+    result = make_evaluate(fn, output_loss, dataset)(state.params)
     return 100.0 * result["test_accuracy"] if "test_accuracy" in result else result["test_mae"]
 
 
 def measure(name: str) -> dict:
     setting = SETTINGS[name]
     figures = {}
-    for method, (estimator, variant) in METHODS.items():
-        values = [run(setting, estimator, variant, seed) for seed in SEEDS]
+    for method in METHODS:
+        values = [run(setting, method, seed) for seed in SEEDS]
         figures[method] = {"mean": statistics.mean(values), "std": statistics.stdev(values), "runs": values}
         unit = "% test accuracy" if setting["metric"] == "accuracy" else " test MAE"
         print(f"{name:>10} {method:>5}: {figures[method]['mean']:.2f} +- {figures[method]['std']:.2f}{unit}")
