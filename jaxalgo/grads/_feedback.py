@@ -72,4 +72,10 @@ def feedback_matrices(
       A tuple of arrays, one per shape.
     """
     check_feedback_init(init)
-    return tuple(feedback_matrix(jax.random.fold_in(key, i), tuple(s), init, dtype) for i, s in enumerate(shapes))
+    shapes = tuple((int(rows), int(cols)) for rows, cols in shapes)
+    return _draw_all(key, shapes, init, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _draw_all(key: jax.Array, shapes: tuple[tuple[int, int], ...], init: str, dtype) -> tuple[jax.Array, ...]:
+    return tuple(_draw(jax.random.fold_in(key, i), shape, init, dtype) for i, shape in enumerate(shapes))
