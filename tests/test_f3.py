@@ -435,11 +435,11 @@ def test_bad_input():
         f3(fn, losses.mse, input_shape=(D,), train_targets=y, variant="delayed_error_softmax", key=KEY)
     with pytest.raises(ValueError, match=r"output_activation: got None with a custom output_loss"):
         dfa(fn, lambda z, t: jnp.mean(z), input_shape=(D,), key=KEY)
-    vit_fn, vit_params = jaxalgo.models.split_chain(
+    vit_fn, _ = jaxalgo.models.split_chain(
         jaxalgo.models.vit((4, 4, 1), C, patch_size=2, dim=8, depth=1, heads=2, mlp_dim=8, key=jax.random.key(1))
     )
     with pytest.raises(ValueError, match=r"chain: feedback alignment .* block 0 is a PatchEmbedding"):
-        fa(vit_fn, losses.softmax_cross_entropy, key=KEY).init(vit_params)
+        fa(vit_fn, losses.softmax_cross_entropy, key=KEY)
     for field, value in (
         ("f3_variant", "x"),
         ("feedback_init", "x"),

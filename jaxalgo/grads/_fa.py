@@ -50,16 +50,20 @@ def _feedback_matmul_bwd(residuals, g):
 feedback_matmul.defvjp(_feedback_matmul_fwd, _feedback_matmul_bwd)
 
 
+def _not_dense_message(index: int, name: str) -> str:
+    return (
+        f"chain: feedback alignment works layer by layer on chains of DenseBlock (the mlp); block {index} is a "
+        f"{name}. Use dfa, drtp or f3 (block-wise feedback) for this model"
+    )
+
+
 def _dense_blocks(chain: Any, params: Any) -> list[Any]:
     """The chain's blocks as modules, checked to be DenseBlocks (the structure FA needs)."""
     modules = []
     for index, (graphdef, block_params) in enumerate(zip(chain.graphdefs, params, strict=True)):
         module = nnx.merge(graphdef, nnx.State(block_params))
         if not isinstance(module, DenseBlock):
-            raise ValueError(
-                f"chain: feedback alignment works layer by layer on chains of DenseBlock (the mlp); block {index} "
-                f"is a {type(module).__name__}. Use dfa, drtp or f3 (block-wise feedback) for this model"
-            )
+            raise ValueError(_not_dense_message(index, type(module).__name__))
         modules.append(module)
     return modules
 
@@ -88,6 +92,10 @@ def fa(
     if not callable(output_loss):
         raise TypeError(f"output_loss: expected a callable, got {type(output_loss).__name__}")
     feedback_init = check_feedback_init(feedback_init)
+    for index, graphdef in enumerate(chain.graphdefs):  # fail early where the graph definition names its type
+        block_type = getattr((getattr(graphdef, "nodes", None) or [None])[0], "type", None)
+        if isinstance(block_type, type) and not issubclass(block_type, DenseBlock):
+            raise ValueError(_not_dense_message(index, block_type.__name__))
 
     def init(params):
         check_float_params(params)
