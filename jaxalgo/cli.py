@@ -32,6 +32,7 @@ def _positive_int_list(text: str) -> tuple[int, ...]:
 def build_parser() -> argparse.ArgumentParser:
     from jaxalgo import data, losses, models
     from jaxalgo.estimators import ESTIMATORS
+    from jaxalgo.grads import F3_VARIANTS, FEEDBACK_INITS
 
     parser = argparse.ArgumentParser(prog="jaxalgo", description="Training beyond plain backpropagation, in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
     add("--estimator", default=DEFAULTS.estimator, help=f"gradient estimator: {', '.join(ESTIMATORS)}")
     add("--optimizer", default=DEFAULTS.optimizer, help=f"optax optimizer: {', '.join(OPTIMIZERS)}")
     add("--tangents", type=int, default=DEFAULTS.tangents, help="forward gradients: number of tangents k")
+    add("--f3-variant", default=DEFAULTS.f3_variant, help=f"f3: the error fed back: {', '.join(F3_VARIANTS)}")
+    add(
+        "--feedback-init",
+        default=DEFAULTS.feedback_init,
+        help=f"f3, dfa, drtp, fa, llo: feedback matrices: {', '.join(FEEDBACK_INITS)}",
+    )
+    add(
+        "--feedback-mode",
+        default=DEFAULTS.feedback_mode,
+        help="f3, dfa, drtp, llo: per_block (update each block right after its forward) or surrogate",
+    )
+    add(
+        "--feedback-reduction",
+        default=DEFAULTS.feedback_reduction,
+        help="f3, dfa, drtp, llo: hidden updates sum (reference) or mean over the batch",
+    )
     add("--lr", type=float, default=DEFAULTS.lr, help="learning rate (> 0)")
     add("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="weight decay (>= 0)")
     add("--epochs", type=int, default=DEFAULTS.epochs, help="passes over the training split")

@@ -59,6 +59,12 @@ class TrainConfig:
       daso_sharded: Horovod-style sharded global average (cross-node bytes / devices per node).
       daso_adaptive: adapt global_skip and S on plateaus of the epoch loss.
       tangents: number of tangents k of the forward-gradient estimators (>= 1).
+      f3_variant: the error F3 feeds back, one of ``jaxalgo.grads.F3_VARIANTS`` (estimator f3).
+      feedback_init: initialisation of the fixed feedback matrices of f3, dfa, drtp, fa and llo, one of
+        ``jaxalgo.grads.FEEDBACK_INITS``.
+      feedback_mode: "per_block" (each block's update right after its forward) or "surrogate" (one pure
+        objective); the same updates (f3, dfa, drtp, llo).
+      feedback_reduction: "sum" (the F3 reference's) or "mean" over the batch for hidden blocks' updates.
     """
 
     model: str = "mlp"
@@ -98,6 +104,10 @@ class TrainConfig:
     daso_sharded: bool = False
     daso_adaptive: bool = True
     tangents: int = 16
+    f3_variant: str = "delayed_error"
+    feedback_init: str = "kaiming_uniform"
+    feedback_mode: str = "per_block"
+    feedback_reduction: str = "sum"
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -150,9 +160,31 @@ def validate_config(config: TrainConfig) -> None:
         raise ValueError(f"tangents: must be an integer >= 1, got {config.tangents!r}")
     if not 0.0 < config.test_fraction < 1.0:
         raise ValueError(f"test_fraction: must be in (0, 1), got {config.test_fraction!r}")
+    _validate_feedback_fields(config)
     from jaxalgo.lowrank import oialr_config_from_train_config
 
     oialr_config_from_train_config(config)  # raises naming the lowrank_* field
+
+
+def _validate_feedback_fields(config: TrainConfig) -> None:
+    from jaxalgo.grads._f3 import F3_VARIANTS, HIDDEN_REDUCTIONS, MODES
+    from jaxalgo.grads._f3_build import FEEDBACK_ESTIMATORS
+    from jaxalgo.grads._feedback import FEEDBACK_INITS
+
+    for field, allowed in (
+        ("f3_variant", F3_VARIANTS),
+        ("feedback_init", FEEDBACK_INITS),
+        ("feedback_mode", MODES),
+        ("feedback_reduction", HIDDEN_REDUCTIONS),
+    ):
+        value = getattr(config, field)
+        if value not in allowed:
+            raise ValueError(f"{field}: got {value!r}; allowed: {', '.join(allowed)}")
+    if config.estimator in FEEDBACK_ESTIMATORS and config.parallel != "none":
+        raise ValueError(
+            f"parallel: estimator {config.estimator!r} runs on one device only (its feedback state is per run); "
+            f"got parallel={config.parallel!r}"
+        )
 
 
 def dumps(config: TrainConfig) -> str:
