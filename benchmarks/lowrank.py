@@ -1,12 +1,15 @@
 """Factorised (OIALR) layers against dense: inference and training step time, and compilations over OIALR runs.
 
 Part 1, step time: an MLP 784-1024-1024-1024-10 (batch 256, Adam) whose three eligible layers are factorised at
-rank fractions r / min(m, n) of 1/2, 1/4, 1/10 and 1/20, against the same dense model (backprop) in the same run.
-Timings are interleaved and repeated; medians and same-run ratios are printed. The forward pass is computed in
-factored form when r (m + n) < m n, i.e. below rank fraction 1/2 for a square layer.
+rank fractions r / min(m, n) of 1/2, 1/4, 1/10 and 1/20, against the same dense model (backprop) in the same run;
+then the same for a ResNet (channels 32-64-128, 32x32x3 inputs, batch 32) whose convolutions (kernels viewed as
+(kh kw c_in) x c_out) and head are factorised. Timings are interleaved and repeated; medians and same-run ratios are
+printed. The forward pass is computed in factored form when r (m + n) < m n, i.e. below rank fraction 1/2 for a
+square layer (a conv: a conv with r output channels, then S V^T on the channels).
 
 Part 2, compilations: digits MLP 64-256-256-10 trained for 12 epochs with OIALR (delay 44, a check every 11
-steps, cutoff 0.4) with exact shapes (bucket ratio 1) and with rank buckets (1.25, 2); the number of traces of
+steps, cutoff 0.4) with exact shapes (bucket ratio 1) and with padded storage compacted at ratios 1.25 and 2 (see
+``jaxalgo.lowrank.storage_sizes``); the number of traces of
 the training step, the final test accuracy and trainable fraction; plus the same run with the moments of S
 rotated at each check (does rotating help?) and the full-rank baseline.
 
@@ -30,19 +33,21 @@ from jaxalgo import lowrank
 from jaxalgo.config import TrainConfig
 from jaxalgo.train import TrainState, make_loss_fn, make_train_step, train_and_evaluate
 
-BATCH, REPEATS, STEPS = 256, 7, 10
+BATCH, CONV_BATCH, REPEATS, STEPS = 256, 32, 7, 10
 FRACTIONS = (0.5, 0.25, 0.1, 0.05)
 
 
-def step_times() -> dict[str, dict[str, float]]:
-    chain = jaxalgo.models.mlp((784,), 10, hidden=(1024, 1024, 1024), activation="relu", key=jax.random.key(0))
-    fn, params = jaxalgo.models.split_chain(chain)
+def make_batch(size: int, input_shape: tuple[int, ...]) -> dict[str, jax.Array]:
     rng = np.random.default_rng(0)
-    batch = {
-        "x": jnp.asarray(rng.normal(size=(BATCH, 784)), jnp.float32),
-        "y": jnp.asarray(rng.integers(0, 10, size=BATCH), jnp.int32),
-        "idx": jnp.arange(BATCH, dtype=jnp.int32),
+    return {
+        "x": jnp.asarray(rng.normal(size=(size, *input_shape)), jnp.float32),
+        "y": jnp.asarray(rng.integers(0, 10, size=size), jnp.int32),
+        "idx": jnp.arange(size, dtype=jnp.int32),
     }
+
+
+def step_times(chain: jaxalgo.models.Chain, batch: dict[str, jax.Array], title: str) -> dict[str, dict[str, float]]:
+    fn, params = jaxalgo.models.split_chain(chain)
     layers = lowrank.find_layers(fn, params)
     models = {"dense": (fn, params)}
     for fraction in FRACTIONS:
@@ -80,7 +85,7 @@ def step_times() -> dict[str, dict[str, float]]:
             times[name]["infer"].append((time.perf_counter() - start) / STEPS)
     medians = {n: {k: statistics.median(v) for k, v in t.items()} for n, t in times.items()}
     dense = medians["dense"]
-    print(f"{'model':<12} {'train ms':>9} {'ratio':>6} {'infer ms':>9} {'ratio':>6}")
+    print(f"\n{title}\n{'model':<12} {'train ms':>9} {'ratio':>6} {'infer ms':>9} {'ratio':>6}")
     result = {}
     for name, m in medians.items():
         tr, ir = m["train"] / dense["train"], m["infer"] / dense["infer"]
@@ -132,9 +137,21 @@ def oialr_runs() -> dict[str, dict[str, float]]:
 
 def main() -> None:
     started = time.perf_counter()
-    times = step_times()
+    mlp = jaxalgo.models.mlp((784,), 10, hidden=(1024, 1024, 1024), activation="relu", key=jax.random.key(0))
+    times = step_times(mlp, make_batch(BATCH, (784,)), "MLP 784-1024-1024-1024-10, batch 256")
+    resnet = jaxalgo.models.resnet((32, 32, 3), 10, channels=(32, 64, 128), key=jax.random.key(0))
+    conv_times = step_times(resnet, make_batch(CONV_BATCH, (32, 32, 3)), "ResNet 32-64-128 on 32x32x3, batch 32")
     runs = oialr_runs()
-    print(json.dumps({"step_time": times, "digits_mlp": runs, "seconds": time.perf_counter() - started}))
+    print(
+        json.dumps(
+            {
+                "step_time": times,
+                "step_time_resnet": conv_times,
+                "digits_mlp": runs,
+                "seconds": time.perf_counter() - started,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""OIALR against full-rank training on digits, MLP and ViT: test accuracy and trainable fraction, same run.
+"""OIALR against full-rank training on digits, MLP, ViT and ResNet: test accuracy and trainable fraction, same run.
 
 Each model is trained twice with the same seed, data order and optimizer (Adam 1e-3, batch 64): full rank, and
 OIALR with the flags below. The trainable fraction is that of the converted layers' parameters (``S`` and the
-biases against ``W`` and the biases), as the ``trainable_fraction`` metric reports it.
+biases against ``W`` and the biases), as the ``trainable_fraction`` metric reports it. For a convolution converted at
+full rank ``S`` is ``c_out x c_out`` against the ``(kh kw c_in) x c_out`` kernel, so its fraction starts near
+``c_out / (kh kw c_in)`` (about 1/9 for 3x3 kernels with c_in = c_out) before any cut.
 
-    python benchmarks/lowrank_digits.py
+    python benchmarks/lowrank_digits.py            # all models; or name some: ... lowrank_digits.py resnet
 
 The equivalent CLI runs, e.g.:
 
@@ -15,6 +17,7 @@ The equivalent CLI runs, e.g.:
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 
@@ -36,15 +39,20 @@ RUNS = {
             "lowrank_bucket_ratio": 2.0,
         },
     ),
+    "resnet": (
+        {"model": "resnet", "epochs": 10},
+        {"lowrank": "oialr", "lowrank_delay": 66, "lowrank_frequency": 11, "lowrank_cutoff": 0.4},
+    ),
 }
 
 
-def main() -> None:
+def main(names: tuple[str, ...] = tuple(RUNS)) -> None:
     started = time.perf_counter()
     result = {}
     header = ("model", "full acc", "oialr acc", "gap (pts)", "trainable", "model frac", "compiles")
     print(f"{header[0]:<5} " + " ".join(f"{h:>9}" for h in header[1:]))
-    for name, (base, oialr) in RUNS.items():
+    for name in names:
+        base, oialr = RUNS[name]
         finals = []
         for extra in ({}, oialr):
             with tempfile.TemporaryDirectory() as workdir:
@@ -73,4 +81,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(tuple(sys.argv[1:]) or tuple(RUNS))

@@ -32,6 +32,7 @@ def _positive_int_list(text: str) -> tuple[int, ...]:
 def build_parser() -> argparse.ArgumentParser:
     from jaxalgo import data, losses, models
     from jaxalgo.estimators import ESTIMATORS
+    from jaxalgo.grads import F3_VARIANTS, FEEDBACK_INITS
 
     parser = argparse.ArgumentParser(prog="jaxalgo", description="Training beyond plain backpropagation, in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
     add("--estimator", default=DEFAULTS.estimator, help=f"gradient estimator: {', '.join(ESTIMATORS)}")
     add("--optimizer", default=DEFAULTS.optimizer, help=f"optax optimizer: {', '.join(OPTIMIZERS)}")
     add("--tangents", type=int, default=DEFAULTS.tangents, help="forward gradients: number of tangents k")
+    add("--f3-variant", default=DEFAULTS.f3_variant, help=f"f3: the error fed back: {', '.join(F3_VARIANTS)}")
+    add(
+        "--feedback-init",
+        default=DEFAULTS.feedback_init,
+        help=f"f3, dfa, drtp, fa, llo: feedback matrices: {', '.join(FEEDBACK_INITS)}",
+    )
+    add(
+        "--feedback-mode",
+        default=DEFAULTS.feedback_mode,
+        help="f3, dfa, drtp, llo: per_block (update each block right after its forward) or surrogate",
+    )
+    add(
+        "--feedback-reduction",
+        default=DEFAULTS.feedback_reduction,
+        help="f3, dfa, drtp, llo: hidden updates sum (reference) or mean over the batch",
+    )
     add("--lr", type=float, default=DEFAULTS.lr, help="learning rate (> 0)")
     add("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="weight decay (>= 0)")
     add("--epochs", type=int, default=DEFAULTS.epochs, help="passes over the training split")
@@ -79,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lowrank-bucket-ratio",
         type=float,
         default=DEFAULTS.lowrank_bucket_ratio,
-        help="ratio between stored rank buckets (1: exact shapes, one re-compilation per cut)",
+        help="compact padded factors above this ratio x the live ones (1: exact shapes, one compile per cut)",
     )
     add("--lowrank-rotate-moments", action="store_true", help="rotate optimizer moments of S at each check")
     add(
@@ -101,6 +118,11 @@ def _add_parallel_flags(train: argparse.ArgumentParser) -> None:
         "--mesh",
         default=DEFAULTS.mesh,
         help="devices as NODESxLOCAL, e.g. 2x4 (default: one node per process); ab: GROUPSxGROUP_SIZE",
+    )
+    add(
+        "--parallel-reduce",
+        default=DEFAULTS.parallel_reduce,
+        help="auto (forward gradients: all-reduce only the k directional derivatives), directional or gradients",
     )
     add("--daso-global-skip", type=int, default=DEFAULTS.daso_global_skip, help="steps between global averages")
     add("--daso-batches-to-wait", type=int, default=DEFAULTS.daso_batches_to_wait, help="S: steps until the merge")

@@ -42,11 +42,14 @@ class TrainConfig:
       lowrank_delay: OIALR full-rank warm-up steps before conversion (>= 0).
       lowrank_frequency: steps between OIALR stability checks (>= 1).
       lowrank_cutoff: OIALR relative singular-value cutoff, in (0, 1).
-      lowrank_bucket_ratio: ratio between rank buckets (>= 1; 1 = exact shapes, a re-compilation per cut).
+      lowrank_bucket_ratio: cut layers stay zero-padded until the stored factors exceed this ratio times the live
+        ones, then all are compacted (>= 1; 1 = exact shapes, a re-compilation per cut).
       lowrank_rotate_moments: rotate the optimizer moments of S with the bases at each stability check.
       parallel: data parallelism: "none" (one device), "ddp" (gradient all-reduce every step), "daso" or "ab".
       mesh: devices as NODESxLOCAL, e.g. "2x4" (default with ddp/daso: one node per process; with ab: GROUPSxGROUP_SIZE,
         default two groups).
+      parallel_reduce: what ddp (and DASO's node-local average) all-reduces: "auto" (only the k directional
+        derivatives for weight-perturbation forward gradients, else the gradients), "directional" or "gradients".
       daso_global_skip: DASO steps between global averages after the warm-up (>= 1).
       daso_batches_to_wait: DASO's S, steps until a global average is merged (0 <= S < daso_global_skip).
       daso_warmup_epochs: DASO epochs with a blocking global average every step at the start.
@@ -64,6 +67,12 @@ class TrainConfig:
       ab_lr_rebound_steps: AB-training: steps of the learning-rate ramp after each transition (0: none).
       ab_bucket_ratio: AB-training: ratio of the zero-padded rank buckets (1 = exact shapes).
       tangents: number of tangents k of the forward-gradient estimators (>= 1).
+      f3_variant: the error F3 feeds back, one of ``jaxalgo.grads.F3_VARIANTS`` (estimator f3).
+      feedback_init: initialisation of the fixed feedback matrices of f3, dfa, drtp, fa and llo, one of
+        ``jaxalgo.grads.FEEDBACK_INITS``.
+      feedback_mode: "per_block" (each block's update right after its forward) or "surrogate" (one pure
+        objective); the same updates (f3, dfa, drtp, llo).
+      feedback_reduction: "sum" (the F3 reference's) or "mean" over the batch for hidden blocks' updates.
     """
 
     model: str = "mlp"
@@ -92,6 +101,7 @@ class TrainConfig:
     lowrank_rotate_moments: bool = False
     parallel: str = "none"
     mesh: str = ""
+    parallel_reduce: str = "auto"
     daso_global_skip: int = 4
     daso_batches_to_wait: int = 1
     daso_warmup_epochs: int = 4
@@ -109,6 +119,10 @@ class TrainConfig:
     ab_lr_rebound_steps: int = 5
     ab_bucket_ratio: float = 1.25
     tangents: int = 16
+    f3_variant: str = "delayed_error"
+    feedback_init: str = "kaiming_uniform"
+    feedback_mode: str = "per_block"
+    feedback_reduction: str = "sum"
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -161,9 +175,31 @@ def validate_config(config: TrainConfig) -> None:
         raise ValueError(f"tangents: must be an integer >= 1, got {config.tangents!r}")
     if not 0.0 < config.test_fraction < 1.0:
         raise ValueError(f"test_fraction: must be in (0, 1), got {config.test_fraction!r}")
+    _validate_feedback_fields(config)
     from jaxalgo.lowrank import oialr_config_from_train_config
 
     oialr_config_from_train_config(config)  # raises naming the lowrank_* field
+
+
+def _validate_feedback_fields(config: TrainConfig) -> None:
+    from jaxalgo.grads._f3 import F3_VARIANTS, HIDDEN_REDUCTIONS, MODES
+    from jaxalgo.grads._f3_build import FEEDBACK_ESTIMATORS
+    from jaxalgo.grads._feedback import FEEDBACK_INITS
+
+    for field, allowed in (
+        ("f3_variant", F3_VARIANTS),
+        ("feedback_init", FEEDBACK_INITS),
+        ("feedback_mode", MODES),
+        ("feedback_reduction", HIDDEN_REDUCTIONS),
+    ):
+        value = getattr(config, field)
+        if value not in allowed:
+            raise ValueError(f"{field}: got {value!r}; allowed: {', '.join(allowed)}")
+    if config.estimator in FEEDBACK_ESTIMATORS and config.parallel != "none":
+        raise ValueError(
+            f"parallel: estimator {config.estimator!r} runs on one device only (its feedback state is per run); "
+            f"got parallel={config.parallel!r}"
+        )
 
 
 def dumps(config: TrainConfig) -> str:

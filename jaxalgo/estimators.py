@@ -12,6 +12,8 @@ from typing import Any
 
 from jaxalgo import grads
 from jaxalgo.config import TrainConfig
+from jaxalgo.grads._activity import build_activity_estimator
+from jaxalgo.grads._f3_build import FEEDBACK_ESTIMATORS, build_feedback_estimator
 from jaxalgo.grads._rank1 import build_rank1_estimator
 from jaxalgo.losses import OutputLoss
 from jaxalgo.models import ChainFn
@@ -44,6 +46,9 @@ ESTIMATOR_BUILDERS: dict[str, Callable[[EstimatorContext], grads.Estimator]] = {
     "backprop": _backprop,
     "fg-rank1": build_rank1_estimator,
     "frog-rank1": build_rank1_estimator,
+    "fg-activity": build_activity_estimator,
+    "frog-activity": build_activity_estimator,
+    **dict.fromkeys(FEEDBACK_ESTIMATORS, build_feedback_estimator),
 }
 ESTIMATORS: tuple[str, ...] = tuple(ESTIMATOR_BUILDERS)
 

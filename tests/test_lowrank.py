@@ -332,3 +332,38 @@ def test_train_config_validation_names_the_lowrank_fields():
         validate_config(TrainConfig(lowrank="oialr", lowrank_frequency=0))
     with pytest.raises(ValueError, match="lowrank: unknown method 'svd'; allowed: none, oialr"):
         validate_config(TrainConfig(lowrank="svd"))
+
+
+def test_storage_is_compacted_for_the_whole_model_when_padding_exceeds_the_ratio():
+    layers = (lowrank.LayerInfo(0, (), 30, 20, 0), lowrank.LayerInfo(1, (), 20, 20, 0))
+    sizes = {"0": 20, "1": 20}  # stored entries: 20 * 70 + 20 * 60 = 2600
+    # live 12 * 62 + 20 * 60 = 1944: 2600 <= 1.5 * 1944, the padded arrays stay
+    assert lowrank.storage_sizes(layers, {"0": 12, "1": 20}, sizes, 1.5) == sizes
+    # live 5 * 55 + 14 * 54 = 1031: 2600 > 1.5 * 1031, every layer is compacted to its rank
+    assert lowrank.storage_sizes(layers, {"0": 5, "1": 14}, sizes, 1.5) == {"0": 5, "1": 14}
+    assert lowrank.storage_sizes(layers, {"0": 19, "1": 20}, sizes, 1.0) == {"0": 19, "1": 20}  # exact shapes
+    # a staggered cut sequence (one layer per check): compactions, hence re-compilations, stay logarithmic
+    many = tuple(lowrank.LayerInfo(i, (), 64, 64, 0) for i in range(12))
+    ranks, sizes, shapes = {i.name: 64 for i in many}, {i.name: 64 for i in many}, 1
+    for check in range(60):
+        name = many[check % 12].name
+        ranks[name] = max(2, ranks[name] * 3 // 4)
+        new = lowrank.storage_sizes(many, ranks, sizes, 2.0)
+        shapes += new != sizes
+        sizes = new
+    live = sum(r * (128 + r) for r in ranks.values())
+    assert shapes <= 1 + math.log(12 * 64 * 192 / live) / math.log(2.0)
+
+
+def test_compaction_moves_padded_layers_outside_the_window_exactly(x64):
+    fn, params = mlp_chain(widths=(24, 20, 16, 4), dtype=jnp.float64)
+    tx = optax.adam(1e-2)
+    config = lowrank.OIALRConfig(cutoff=1e-6, window_growth=0.1, bucket_ratio=1.0)  # the window: the last layer
+    _, p2, s2, layers, status = lowrank.convert(fn, params, tx.init(params), tx, config, ranks={"0": (5, 20)})
+    assert [i.name for i in layers] == ["0", "2", "4"] and status.sizes["0"] == 20
+    dense = lambda p: np.asarray(p[0]["U"]) @ np.asarray(p[0]["S"]) @ np.asarray(p[0]["V"]).T
+    p3, s3, st3, report = lowrank.stability_check(p2, s2, tx, layers, status, config)
+    assert list(report) == ["4"] and st3.sizes["0"] == st3.ranks["0"] == 5  # compacted although not checked
+    assert p3[0]["S"].shape == (5, 5) and p3[0]["U"].shape == (24, 5)
+    np.testing.assert_allclose(dense(p3), dense(p2), atol=1e-12)
+    chex.assert_trees_all_equal_shapes(s3[0].mu, lowrank.trainable_part(p3))

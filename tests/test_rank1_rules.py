@@ -264,3 +264,11 @@ def test_unit_axis_reshape_keeps_the_factors():
         return jnp.sum(jnp.tanh(x + w.reshape(1, 3, 1, 4)).reshape(2, 3, 4) ** 2)
 
     check_against_jvp(f, (normal(0, (2, 3, 1, 4)), normal(1, (3, 4))), first="dense")
+
+
+def test_broadcast_of_a_weight_keeps_the_factors():
+    def f(x, pos, w):  # a (tokens, dim) position embedding added to a batch, and a broadcast from a unit axis
+        h = x + pos
+        return jnp.sum(jnp.tanh(h + jnp.broadcast_to(w, (2, 3, 4))) ** 2)
+
+    check_against_jvp(f, (normal(0, (2, 3, 4)), normal(1, (3, 4)), normal(2, (2, 1, 4))), first="dense")

@@ -1,6 +1,18 @@
 """Gradient estimators behind one interface: ``init(params)`` and ``value_and_grad(params, state, batch, *, key)``."""
 
+from jaxalgo.grads._activity import LocalReadoutState, activity_forward_gradient, sample_activity_tangents
 from jaxalgo.grads._estimator import DirectionalSplit, EmptyState, Estimator, backprop
+from jaxalgo.grads._f3 import (
+    F3_VARIANTS,
+    DelayedFeedbackState,
+    FeedbackState,
+    dfa,
+    drtp,
+    f3,
+    last_layer_only,
+)
+from jaxalgo.grads._fa import fa
+from jaxalgo.grads._feedback import FEEDBACK_INITS, feedback_matrices
 from jaxalgo.grads._rank1 import (
     Rank1ForwardGradient,
     rank1_directional,
@@ -9,12 +21,25 @@ from jaxalgo.grads._rank1 import (
 )
 
 __all__ = [
+    "F3_VARIANTS",
+    "FEEDBACK_INITS",
+    "DelayedFeedbackState",
     "DirectionalSplit",
     "EmptyState",
     "Estimator",
+    "FeedbackState",
+    "LocalReadoutState",
     "Rank1ForwardGradient",
+    "activity_forward_gradient",
     "backprop",
+    "dfa",
+    "drtp",
+    "f3",
+    "fa",
+    "feedback_matrices",
+    "last_layer_only",
     "rank1_directional",
     "rank1_fallbacks",
     "rank1_forward_gradient",
+    "sample_activity_tangents",
 ]

@@ -8,7 +8,8 @@ A rule pushes ``k`` factored tangents of one input of one primitive forward with
 (a :class:`FactoredTangent`), ``params`` the equation's parameters. It returns that input's contribution to the
 output tangent, stacked ``(k, *out.shape)`` (the JVP is linear in the tangents, so contributions of several
 inputs add up), or a :class:`FactoredTangent` for structural primitives (transpose, dtype conversion), or
-``None`` when it does not apply, in which case the interpreter materialises the tangent for this equation.
+``None`` when it does not apply, in which case the interpreter materialises the tangent for this equation, or
+:data:`NO_CONTRIBUTION` when the input's tangent does not reach the output (``stop_gradient``).
 
 Adding a layer type means writing one rule and registering it in :data:`RULES`; each rule is tested against
 ``jax.jvp`` with the materialised tangent.
@@ -23,6 +24,11 @@ Rules here:
   channels, and output channel ``o`` of tangent ``i`` is that conv's channel ``i`` scaled by ``a_i[o]``.
 - ``transpose``, ``convert_element_type``, ``copy`` and ``reshape`` that only inserts or drops axes of length 1:
   the factors follow the array symbolically. Other reshapes of a weight materialise its tangent.
+- ``broadcast_in_dim`` (a position embedding ``(tokens, dim)`` added to a batch ``(n, tokens, dim)``): the
+  factors follow their axes to the output, axes broadcast from length 1 repeat their factor's entries, and the new
+  axes get a factor of ones, so the result is still an outer product.
+- ``stop_gradient`` (the frozen bases ``U``, ``V`` of OIALR's factorised layers): no contribution at all, so
+  nothing downstream is computed for that tangent.
 - ``add``, ``sub``: the output tangent is dense anyway; the (small) weight tangent is multiplied out.
 """
 
@@ -40,6 +46,9 @@ from jaxalgo.grads._rank1_tangents import FactoredTangent
 Rule = Callable[[Sequence[Any], int, FactoredTangent, dict[str, Any]], "jax.Array | FactoredTangent | None"]
 
 _LETTERS = string.ascii_letters.replace("z", "")
+
+NO_CONTRIBUTION = object()
+"""Returned by a rule whose input tangent does not reach the output (the output tangent gets nothing from it)."""
 
 
 def _dot_general_rule(primals, index, tangent, params):
@@ -126,6 +135,21 @@ def _reshape_rule(primals, index, tangent, params):
     return FactoredTangent(tuple(factors), tuple(tuple(g) for g in groups), new)
 
 
+def _broadcast_rule(primals, index, tangent, params):
+    """``broadcast_in_dim``: operand axis ``ax`` becomes output axis ``dims[ax]``; the other output axes are new."""
+    shape, dims = tuple(params["shape"]), tuple(params["broadcast_dimensions"])
+    k = tangent.num_tangents
+    groups, factors = [], []
+    for group, factor in zip(tangent.groups, tangent.factors, strict=True):
+        groups.append(tuple(dims[ax] for ax in group))
+        factors.append(jnp.broadcast_to(factor, (k, *[shape[dims[ax]] for ax in group])))
+    new_axes = tuple(ax for ax in range(len(shape)) if ax not in dims)
+    if new_axes:
+        groups.append(new_axes)
+        factors.append(jnp.ones((k, *[shape[ax] for ax in new_axes]), tangent.dtype))
+    return FactoredTangent(tuple(factors), tuple(groups), shape)
+
+
 def _add_rule(primals, index, tangent, params):
     """``x + W``: the output tangent is as large as the output whatever the tangent, so the factors are multiplied
     out here (``k`` times the size of ``W``, at most the size of the output tangent)."""
@@ -138,6 +162,10 @@ def _sub_rule(primals, index, tangent, params):
     return -out if index == 1 else out
 
 
+def _stop_gradient_rule(primals, index, tangent, params):
+    return NO_CONTRIBUTION
+
+
 def _identity_rule(primals, index, tangent, params):
     return tangent
 
@@ -147,10 +175,12 @@ RULES: dict[str, Rule] = {
     "conv_general_dilated": _conv_rule,
     "transpose": _transpose_rule,
     "reshape": _reshape_rule,
+    "broadcast_in_dim": _broadcast_rule,
     "convert_element_type": _convert_rule,
     "add": _add_rule,
     "add_any": _add_rule,
     "sub": _sub_rule,
+    "stop_gradient": _stop_gradient_rule,
     "copy": _identity_rule,
     "copy_p": _identity_rule,
 }

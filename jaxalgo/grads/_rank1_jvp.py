@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from jaxalgo.grads._forward_rules import RULES
+from jaxalgo.grads._forward_rules import NO_CONTRIBUTION, RULES
 from jaxalgo.grads._rank1_tangents import FactoredTangent
 
 Tangent = FactoredTangent | jax.Array | None
@@ -116,6 +116,8 @@ def _push(eqn: jcore.JaxprEqn, primals: list[Any], tangents: list[Tangent], fall
         contribution = None
         if rule is not None and not eqn.primitive.multiple_results:
             contribution = rule(primals, i, tangent, dict(eqn.params))
+            if contribution is NO_CONTRIBUTION:
+                continue
             if isinstance(contribution, FactoredTangent) and len(dense) + len(factored) > 1:
                 contribution = contribution.materialize()
         if contribution is None:

@@ -4,13 +4,14 @@ Public API:
 
 - SVD helpers (:mod:`jaxalgo.lowrank._svd`): ``as_matrix``, ``factorize``, ``compose``, ``ab_factors``,
   ``cutoff_rank``, ``limited_rank``, ``rank_buckets``, ``bucket_size``, ``Factors``.
-- Factorised layers: ``LowRankDense``, ``factorize_chain``, ``densify_chain``, ``find_layers``, ``LayerInfo``,
-  ``factored_is_cheaper``, ``layer_params``, ``with_layer_params``.
+- Factorised layers: ``LowRankDense``, ``LowRankConv``, ``factorize_chain``, ``densify_chain``, ``find_layers``,
+  ``LayerInfo``, ``factored_is_cheaper``, ``layer_params``, ``with_layer_params``.
 - Optimizer plumbing: ``freeze_factors``, ``keep_count``, ``map_param_moments``, ``trainable_part``.
 - OIALR: ``OIALRConfig``, ``LowRankStatus``, ``convert``, ``stability_check``, ``check_window``,
-  ``trainable_counts``, and ``OIALRTrainer`` (the training-loop hook).
+  ``trainable_counts``, ``storage_sizes``, and ``OIALRTrainer`` (the training-loop hook).
 """
 
+from jaxalgo.lowrank._conv import LowRankConv
 from jaxalgo.lowrank._hook import OIALRTrainer, oialr_config_from_train_config
 from jaxalgo.lowrank._layers import (
     LayerInfo,
@@ -28,6 +29,7 @@ from jaxalgo.lowrank._oialr import (
     check_window,
     convert,
     stability_check,
+    storage_sizes,
     trainable_counts,
 )
 from jaxalgo.lowrank._optim import freeze_factors, keep_count, map_param_moments, trainable_part
@@ -46,6 +48,7 @@ from jaxalgo.lowrank._svd import (
 __all__ = [
     "Factors",
     "LayerInfo",
+    "LowRankConv",
     "LowRankDense",
     "LowRankStatus",
     "OIALRConfig",
@@ -70,6 +73,7 @@ __all__ = [
     "oialr_config_from_train_config",
     "rank_buckets",
     "stability_check",
+    "storage_sizes",
     "trainable_counts",
     "trainable_part",
     "with_layer_params",

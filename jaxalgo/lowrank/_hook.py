@@ -13,7 +13,8 @@ and the training loop of :mod:`jaxalgo.train` calls it at three points:
   so a resumed run repeats exactly what an uninterrupted run does.
 
 One step function is jit-compiled before conversion and one after; rank cuts change array shapes and so
-re-trace it, which rank buckets keep rare (``trainer.compilations`` counts the traces).
+re-trace it, which whole-model compaction keeps rare (:func:`~jaxalgo.lowrank.storage_sizes`;
+``trainer.compilations`` counts the traces).
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
-"""Factorised dense layers and the conversion of a chain's layers to and from them.
+"""Factorised dense and conv layers and the conversion of a chain's layers to and from them.
 
 Design choice: a converted layer is a different nnx module. :func:`factorize_chain` merges each block, replaces
 its eligible ``nnx.Linear`` / ``nnx.LinearGeneral`` sub-modules (attention projections included) by a
-:class:`LowRankDense` holding ``U (m, r)``, ``S (r, r)``, ``V (n, r)`` and the bias, and splits the chain again. The
-result is an ordinary :class:`~jaxalgo.models.ChainFn` with ordinary parameters, so every estimator, optimizer and
-checkpointer works on it unchanged, and the forward pass is computed in factored form by the module itself:
+:class:`LowRankDense`, and its eligible ``nnx.Conv`` (kernel viewed as ``(prod(window) c_in, c_out)``) by a
+:class:`~jaxalgo.lowrank.LowRankConv` (see :mod:`jaxalgo.lowrank._conv`), each holding ``U (m, r)``, ``S (r, r)``,
+``V (n, r)`` and the bias, and splits the chain again. The result is an ordinary :class:`~jaxalgo.models.ChainFn`
+with ordinary parameters, so every estimator, optimizer and checkpointer works on it unchanged, and the forward pass
+is computed in factored form by the module itself:
 
 - ``r (m + n) < m n``: ``y = (x U) (S V^T) + b`` -- ``S V^T`` is formed once per call, each example costs
   ``r (m + n)`` multiply-adds instead of ``m n`` (the reference implementation rebuilds ``W`` every step and saves
@@ -30,16 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxalgo.lowrank._svd import Factors, as_matrix, factorize
+from jaxalgo.lowrank._conv import LowRankConv, conv_view
+from jaxalgo.lowrank._svd import Factors, factored_is_cheaper, host_compose, host_factorize
 from jaxalgo.models import ChainFn, ChainParams
 
 U_NAME, S_NAME, V_NAME = "U", "S", "V"
 FROZEN_NAMES = frozenset({U_NAME, V_NAME})
-
-
-def factored_is_cheaper(m: int, n: int, r: int) -> bool:
-    """Whether ``x U (S V^T)`` costs fewer multiply-adds per example than ``x W``: ``r (m + n) < m n``."""
-    return r * (m + n) < m * n
 
 
 class LowRankDense(nnx.Module):
@@ -135,8 +133,14 @@ class LayerInfo:
         return min(self.m, self.n)
 
 
-def _dense_view(module: nnx.Module) -> tuple[str, tuple[int, ...], tuple[int, ...]] | None:
-    """``(kind, in_shape, out_shape)`` of a module that can be factorised, or ``None``."""
+def _layer_view(module: nnx.Module) -> tuple[str, tuple[int, ...], tuple[int, ...]] | None:
+    """``(kind, in_shape, out_shape)`` of a module that can be factorised, or ``None``.
+
+    ``kind`` is ``"linear"``, ``"linear_general"`` or ``"conv"`` (``in_shape = (*window, c_in)``).
+    """
+    conv = conv_view(module)
+    if conv is not None:
+        return "conv", *conv
     if isinstance(module, nnx.Linear):
         return "linear", (module.in_features,), (module.out_features,)
     if isinstance(module, nnx.LinearGeneral):
@@ -192,16 +196,17 @@ def _replace(module: nnx.Module, path: tuple[Any, ...], new: nnx.Module) -> nnx.
 def find_layers(fn: ChainFn, params: ChainParams, *, min_aspect: float = 0.1) -> tuple[LayerInfo, ...]:
     """The layers :func:`factorize_chain` would convert, input end first (blocks in order, nnx graph order inside).
 
-    Eligible: ``nnx.Linear`` and ``nnx.LinearGeneral`` (contracting trailing axes, no batch axes) whose matrix view
+    Eligible: ``nnx.Linear``, ``nnx.LinearGeneral`` (contracting trailing axes, no batch axes) and ``nnx.Conv``
+    (no feature groups, no mask, zero padding; matrix view ``(prod(window) c_in, c_out)``) whose matrix view
     ``(m, n)`` has ``min(m, n) > min_aspect * max(m, n)``.
     """
     found = []
     for index, block_params in enumerate(params):
         module = _merge_block(fn, index, block_params)
         for path, node in nnx.iter_graph(module):
-            if not isinstance(node, nnx.Module) or isinstance(node, LowRankDense):
+            if not isinstance(node, nnx.Module) or isinstance(node, LowRankDense | LowRankConv):
                 continue
-            view = _dense_view(node)
+            view = _layer_view(node)
             if view is None:
                 continue
             _, in_shape, out_shape = view
@@ -229,7 +234,8 @@ def factorize_chain(
     ranks: dict[str, tuple[int, int]] | None = None,
     select: Callable[[LayerInfo], bool] | None = None,
 ) -> tuple[ChainFn, ChainParams, tuple[LayerInfo, ...]]:
-    """Converts the eligible dense layers of a chain to :class:`LowRankDense` (``W = U S V^T`` by SVD).
+    """Converts the eligible dense and conv layers of a chain to :class:`LowRankDense` / :class:`LowRankConv`
+    (``W = U S V^T`` by SVD of the matrix view).
 
     Args:
       fn: the chain's function.
@@ -254,8 +260,8 @@ def factorize_chain(
         node = module
         for key in info.path:
             node = _get(node, key)
-        kind, in_shape, out_shape = _dense_view(node)
-        factors = factorize(as_matrix(node.kernel[...], len(in_shape)))
+        kind, in_shape, out_shape = _layer_view(node)
+        factors = host_factorize(node.kernel[...], len(in_shape))
         rank, size = ranks.get(info.name, (info.full_rank, info.full_rank))
         if not (isinstance(rank, int) and 1 <= rank <= size <= info.full_rank):
             raise ValueError(
@@ -264,6 +270,9 @@ def factorize_chain(
             )
         if (rank, size) != (info.full_rank, info.full_rank):
             factors = _padded(factors, rank, size)
+        if kind == "conv":
+            modules[info.block] = _replace(module, info.path, LowRankConv.from_conv(node, factors))
+            continue
         bias = None if node.bias is None else node.bias[...]
         new = LowRankDense(
             factors, bias, in_shape=in_shape, out_shape=out_shape, kind=kind, precision=getattr(node, "precision", None)
@@ -274,19 +283,28 @@ def factorize_chain(
 
 
 def densify_chain(fn: ChainFn, params: ChainParams) -> tuple[ChainFn, ChainParams]:
-    """The inverse of :func:`factorize_chain`: every :class:`LowRankDense` becomes a dense layer with
-    ``kernel = U S V^T`` (reshaped to its feature shapes) and the same bias."""
+    """The inverse of :func:`factorize_chain`: every :class:`LowRankDense` / :class:`LowRankConv` becomes a dense
+    layer (``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv``) with ``kernel = U S V^T`` (reshaped to its feature
+    shapes) and the same bias."""
     modules = [_merge_block(fn, i, p) for i, p in enumerate(params)]
     for index, module in enumerate(modules):
-        targets = [(tuple(p), n) for p, n in nnx.iter_graph(module) if isinstance(n, LowRankDense)]
+        targets = [(tuple(p), n) for p, n in nnx.iter_graph(module) if isinstance(n, LowRankDense | LowRankConv)]
         for path, node in targets:
+            if isinstance(node, LowRankConv):
+                modules[index] = _replace(module, path, node.to_dense())
+                module = modules[index]
+                continue
             u, s, v = node.U[...], node.S[...], node.V[...]
-            kernel = jnp.reshape((u @ s) @ v.T, (*node.in_shape, *node.out_shape))
+            kernel = host_compose(Factors(u, s, v), (*node.in_shape, *node.out_shape))
             use_bias = node.bias is not None
             rngs = nnx.Rngs(0)
+            init = {
+                "kernel_init": lambda _key, shape, _dtype, kernel=kernel: kernel.reshape(shape),
+                "bias_init": nnx.initializers.zeros_init(),
+            }
             if node.kind == "linear":
                 dense = nnx.Linear(
-                    node.in_shape[0], node.out_shape[0], use_bias=use_bias, param_dtype=u.dtype, rngs=rngs
+                    node.in_shape[0], node.out_shape[0], use_bias=use_bias, param_dtype=u.dtype, rngs=rngs, **init
                 )
             else:
                 k = len(node.in_shape)
@@ -297,9 +315,9 @@ def densify_chain(fn: ChainFn, params: ChainParams) -> tuple[ChainFn, ChainParam
                     use_bias=use_bias,
                     param_dtype=u.dtype,
                     rngs=rngs,
+                    **init,
                 )
             dense.precision = node.precision
-            dense.kernel[...] = kernel
             if use_bias:
                 dense.bias[...] = node.bias[...]
             modules[index] = _replace(module, path, dense)

@@ -18,8 +18,9 @@ are first expressed in the rotated basis: first moments ``U_s^T M V_s``, second 
 (the exact transform of ``E[g^2]`` when the gradient entries are uncorrelated; recognised by the optax field
 name ``nu``).
 
-Shapes change only here, outside jit. Ranks are stored in zero-padded arrays of the next rank bucket
-(:func:`jaxalgo.lowrank.rank_buckets`), which bounds the number of re-compilations; the padding contributes
+Shapes change only here, outside jit. A cut layer keeps its storage arrays (zero-padded beyond its rank) until the
+whole model's stored factors exceed ``bucket_ratio`` times the live ones; then every layer is compacted to its rank
+at once (:func:`storage_sizes`), which bounds the number of re-compilations; the padding contributes
 nothing to the output or to the gradients of the live block.
 
 Fixed defects of the reference implementation: the biases of converted layers keep training; the cutoff is
@@ -43,7 +44,7 @@ import optax
 
 from jaxalgo.lowrank._layers import LayerInfo, factorize_chain, layer_params, with_layer_params
 from jaxalgo.lowrank._optim import keep_count, map_param_moments, trainable_part
-from jaxalgo.lowrank._svd import bucket_size, check_cutoff, cutoff_rank, limited_rank
+from jaxalgo.lowrank._svd import check_cutoff, cutoff_rank, limited_rank
 from jaxalgo.models import ChainFn, ChainParams
 
 
@@ -59,7 +60,8 @@ class OIALRConfig:
       min_rank_fraction: ranks never go below ``max(1, ceil(min_rank_fraction * min(m, n)))``, in ``[0, 1]``.
       window_growth: fraction of converted layers added to the check window per check, in ``(0, 1]``.
       min_aspect: a weight is eligible when ``min(m, n) > min_aspect * max(m, n)``, in ``[0, 1)``.
-      bucket_ratio: storage-size buckets (``>= 1``; 1 stores every rank exactly, see ``rank_buckets``).
+      bucket_ratio: compact the storage when the stored factors exceed this many times the live ones (``>= 1``;
+        1 stores every rank exactly, see :func:`storage_sizes`).
       rotate_moments: express the moments of ``S`` in the rotated basis before slicing them.
     """
 
@@ -186,6 +188,30 @@ def _columns(matrix: np.ndarray, size: int, dtype: Any) -> jax.Array:
     return jnp.asarray(out, dtype)
 
 
+def _stored_entries(info: LayerInfo, size: int) -> int:
+    """Entries of ``U``, ``S``, ``V`` stored at ``size`` (proportional to the layer's factored cost)."""
+    return size * (info.m + info.n + size)
+
+
+def storage_sizes(
+    layers: tuple[LayerInfo, ...], ranks: dict[str, int], sizes: dict[str, int], ratio: float
+) -> dict[str, int]:
+    """The storage size of every converted layer after a stability check: compaction of the whole model at once.
+
+    Sizes stay as they are while the model's stored factor entries ``sum_l size_l (m_l + n_l + size_l)`` are at most
+    ``ratio`` times the live ones (the same sum at the ranks); beyond that, every layer is compacted to its exact
+    rank. Each compaction therefore shrinks the stored model by more than ``ratio``, which bounds the
+    re-compilations by ``1 + log(entries at conversion / final entries) / log(ratio)`` whatever the number of layers
+    and the order in which their ranks drop (per-layer buckets re-compile whenever any one layer crosses its next
+    bucket). ``ratio == 1`` compacts at every cut (exact shapes).
+    """
+    stored = sum(_stored_entries(info, sizes[info.name]) for info in layers)
+    live = sum(_stored_entries(info, ranks[info.name]) for info in layers)
+    if stored > ratio * live:
+        return {info.name: ranks[info.name] for info in layers}
+    return dict(sizes)
+
+
 def stability_check(
     params: ChainParams,
     opt_state: Any,
@@ -214,27 +240,41 @@ def stability_check(
     window = check_window(layers, check_number, config.window_growth)
     ranks, sizes = dict(status.ranks), dict(status.sizes)
     report: dict[str, dict[str, Any]] = {}
-    moment_fns: dict[str, Any] = {}
+    rotations: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for info in window:
-        values = layer_params(params, info)
-        u, s_mat, v = values["U"], values["S"], values["V"]
-        r, size = ranks[info.name], sizes[info.name]
-        us, s, vs = _rotation(np.asarray(s_mat)[:r, :r])
+        r = ranks[info.name]
+        us, s, vs = _rotation(np.asarray(layer_params(params, info)["S"])[:r, :r])
         new_r = limited_rank(
             r,
             cutoff_rank(s, config.cutoff),
             max_cut_fraction=config.max_cut_fraction,
             min_rank=config.min_rank(info),
         )
-        new_size = min(size, bucket_size(new_r, info.full_rank, config.bucket_ratio))
+        rotations[info.name] = (us, s, vs)
+        report[info.name] = {"singular_values": s.tolist(), "rank_before": r, "rank": new_r}
+    new_ranks = {**ranks, **{name: entry["rank"] for name, entry in report.items()}}
+    new_sizes = storage_sizes(layers, new_ranks, sizes, config.bucket_ratio)
+    moment_fns: dict[str, Any] = {}
+    for info in layers:
+        name = info.name
+        if name not in rotations and new_sizes[name] == sizes[name]:
+            continue  # neither checked nor compacted: untouched
+        values = layer_params(params, info)
+        u, s_mat, v = values["U"], values["S"], values["V"]
+        r, new_r, new_size = ranks[name], new_ranks[name], new_sizes[name]
         u_host, v_host = np.asarray(u[:, :r], np.float64), np.asarray(v[:, :r], np.float64)
+        if name in rotations:  # rotate onto the singular vectors of S, keep the leading new_r
+            us, s, vs = rotations[name]
+            block = np.diag(s[:new_r])
+        else:  # compaction only: the live block moves to smaller arrays unchanged
+            us = vs = np.eye(r)
+            block = np.asarray(s_mat, np.float64)[:r, :r]
         new_u = _columns(u_host @ us[:, :new_r], new_size, u.dtype)
         new_v = _columns(v_host @ vs[:, :new_r], new_size, v.dtype)
-        new_s = _embed(np.diag(s[:new_r]), new_size, s_mat.dtype)
+        new_s = _embed(block, new_size, s_mat.dtype)
         params = with_layer_params(params, info, {**values, "U": new_u, "S": new_s, "V": new_v})
-        ranks[info.name], sizes[info.name] = new_r, new_size
-        report[info.name] = {"singular_values": s.tolist(), "rank_before": r, "rank": new_r}
-        moment_fns[info.name] = (r, new_r, new_size, us, vs)
+        moment_fns[name] = (r, new_r, new_size, us, vs)
+    ranks, sizes = new_ranks, new_sizes
     opt_state = _update_moments(params, opt_state, tx, layers, moment_fns, rotate=config.rotate_moments)
     status = LowRankStatus(converted=True, checks=check_number, ranks=ranks, sizes=sizes)
     return params, opt_state, status, report

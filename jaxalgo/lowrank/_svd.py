@@ -84,6 +84,29 @@ def factorize(matrix: jax.Array, rank: int | None = None) -> Factors:
     return Factors(u[:, :r], jnp.diag(s[:r]), vt[:r].T)
 
 
+def factored_is_cheaper(m: int, n: int, r: int) -> bool:
+    """Whether ``x U (S V^T)`` costs fewer multiply-adds per example than ``x W``: ``r (m + n) < m n``."""
+    return r * (m + n) < m * n
+
+
+def host_factorize(weight: jax.Array, in_ndim: int = 1) -> Factors:
+    """:func:`factorize` of ``as_matrix(weight, in_ndim)`` at full rank, computed on the host in float64.
+
+    For conversions outside jit (model surgery): an eager device SVD would compile once per weight shape. The
+    factors are returned as device arrays of ``weight``'s dtype.
+    """
+    matrix = np.asarray(as_matrix(weight, in_ndim), np.float64)
+    u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+    dtype = weight.dtype
+    return Factors(jnp.asarray(u, dtype), jnp.asarray(np.diag(s), dtype), jnp.asarray(vt.T, dtype))
+
+
+def host_compose(factors: Factors, shape: tuple[int, ...]) -> jax.Array:
+    """``U S V^T`` reshaped to ``shape``, computed on the host in float64 (see :func:`host_factorize`)."""
+    u, s, v = (np.asarray(f, np.float64) for f in factors)
+    return jnp.asarray(((u @ s) @ v.T).reshape(shape), factors.U.dtype)
+
+
 def compose(factors: Factors) -> jax.Array:
     """The dense matrix ``U S V^T``."""
     u, s, v = factors

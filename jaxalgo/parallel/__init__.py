@@ -1,5 +1,5 @@
-"""Hierarchical data parallelism: meshes, the data-parallel baseline, DASO, AB-training, and communication
-accounting."""
+"""Hierarchical data parallelism: meshes, the data-parallel baseline (with a k-number path for forward gradients),
+DASO, AB-training, and communication accounting."""
 
 from jaxalgo.parallel._ab import (
     AB,
@@ -42,6 +42,7 @@ from jaxalgo.parallel._daso import (
     update_schedule,
 )
 from jaxalgo.parallel._data_parallel import check_batch, data_parallel
+from jaxalgo.parallel._forward_dp import REDUCTIONS, directional_value_and_grad, mean_packed
 from jaxalgo.parallel._mesh import (
     DATA_AXES,
     LOCAL_AXIS,
@@ -65,6 +66,7 @@ __all__ = [
     "LOCAL_AXIS",
     "NODE_AXIS",
     "PHASES",
+    "REDUCTIONS",
     "STATE_MERGES",
     "SYNC_MODES",
     "ABConfig",
@@ -89,12 +91,14 @@ __all__ = [
     "daso_phase",
     "data_parallel",
     "detect_cluster",
+    "directional_value_and_grad",
     "find_ab_layers",
     "initial_schedule",
     "initialize_distributed",
     "lr_factor",
     "make_mesh",
     "mean_over",
+    "mean_packed",
     "merge_replicated_state",
     "merge_stale",
     "parse_mesh_shape",

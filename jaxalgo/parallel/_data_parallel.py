@@ -11,6 +11,11 @@ gradient: for backprop exactly, and for every estimator that is linear in the pe
 randomness (forward gradients with the same tangents on every shard, whose directional derivatives average to the
 full-batch ones). That is the property the tests check against a single device.
 
+For weight-perturbation forward-gradient estimators (those with a :class:`jaxalgo.grads.DirectionalSplit`)
+``data_parallel`` does not all-reduce the gradient at all: it averages only the ``k`` directional derivatives and
+the loss, and every device rebuilds the same estimate (see :mod:`jaxalgo.parallel._forward_dp`); the result is the
+same, the traffic ``k + 1`` numbers instead of ``n``. ``reduce="gradients"`` forces the ordinary path.
+
 References:
   Li et al., "PyTorch Distributed: Experiences on Accelerating Data Parallel Training", VLDB 2020.
 """
@@ -26,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxalgo.grads import Estimator
 from jaxalgo.parallel._collectives import STATE_MERGES, mean_over, merge_replicated_state, vary
+from jaxalgo.parallel._forward_dp import check_reduce, directional_value_and_grad
 
 
 def _check_axes(mesh: Mesh, axes: Sequence[str] | None) -> tuple[str, ...]:
@@ -64,11 +70,16 @@ def data_parallel(
     *,
     axes: Sequence[str] | None = None,
     state_merge: str = "delta_sum",
+    reduce: str = "auto",
 ) -> Estimator:
     """Data parallelism over ``mesh``: per-shard estimates, gradients averaged by one all-reduce.
 
     .. math::
       g = \\frac{1}{N} \\sum_{d=1}^{N} \\hat g(\\theta; B_d), \\qquad B = B_1 \\cup \\dots \\cup B_N
+
+    For an estimator with a directional split (weight-perturbation forward gradients) the all-reduce carries only
+    the directional derivatives: ``d = (1/N) sum_s d(B_s)``, then ``g = estimate(d)`` on every device, which is the
+    same estimate with ``k + 1`` numbers on the wire instead of ``n``.
 
     Args:
       estimator: any estimator; it sees its shard of the batch, replicated params and state, and the step's key.
@@ -76,17 +87,26 @@ def data_parallel(
       axes: the mesh axes the batch is split over (default: all, e.g. ``("node", "local")``).
       state_merge: how per-device estimator states are combined: ``"delta_sum"`` (each device's change applied
         once; exact for per-sample buffers) or ``"mean"``; see :func:`merge_replicated_state`.
+      reduce: ``"auto"`` (directional derivatives when ``estimator.split`` is set, else gradients),
+        ``"directional"`` (requires a split) or ``"gradients"`` (the ordinary all-reduce, for any estimator).
 
     Returns:
-      An :class:`Estimator` with the same interface. Params and state come back replicated; ``loss`` is the
-      average over the shards (the full-batch loss for a mean loss).
+      An :class:`Estimator` with the same interface (its ``split`` is ``None``: it is already parallel). Params and
+      state come back replicated; ``loss`` is the average over the shards (the full-batch loss for a mean loss).
 
     Raises:
-      ValueError: at trace time, if a batch's leading dimension is not divisible by the number of devices.
+      ValueError: for a bad ``axes``, ``state_merge`` or ``reduce``; at trace time, if a batch's leading dimension
+        is not divisible by the number of devices.
     """
     axes = _check_axes(mesh, axes)
     if state_merge not in STATE_MERGES:
         raise ValueError(f"state_merge: unknown merge {state_merge!r}; allowed: {', '.join(STATE_MERGES)}")
+    directional = check_reduce(reduce, getattr(estimator, "split", None))
+
+    def directional_body(params, state, batch, key):
+        # stateless by the split contract: the state passes through untouched
+        loss, grads = directional_value_and_grad(estimator.split, params, batch, key=key, axes=axes)
+        return loss, grads, state
 
     def body(params, state, batch, key):
         local_params = vary(params, axes)  # avoids the replicated-parameter gradient trap (see _collectives)
@@ -96,7 +116,12 @@ def data_parallel(
         new_state = merge_replicated_state(state, new_state, axes, state_merge)
         return loss, grads, new_state
 
-    sharded = jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(axes), P()), out_specs=(P(), P(), P()))
+    sharded = jax.shard_map(
+        directional_body if directional else body,
+        mesh=mesh,
+        in_specs=(P(), P(), P(axes), P()),
+        out_specs=(P(), P(), P()),
+    )
 
     def init(params):
         return estimator.init(params)

@@ -29,6 +29,7 @@ from jaxalgo.config import TrainConfig
 from jaxalgo.parallel._ab import AB_AXES, ABConfig, ABTrainState, ab_schedule, ab_training, check_ab_mesh, lr_factor
 from jaxalgo.parallel._daso import DasoConfig, DasoTrainState, daso, update_schedule
 from jaxalgo.parallel._data_parallel import data_parallel
+from jaxalgo.parallel._forward_dp import REDUCTIONS
 from jaxalgo.parallel._mesh import check_divisible, make_mesh, parse_mesh_shape, place, replicate, shard
 
 PARALLEL_MODES: tuple[str, ...] = ("none", "ddp", "daso", "ab")
@@ -91,6 +92,10 @@ def check_parallel_config(config: TrainConfig) -> None:
         if config.mesh:
             raise ValueError(f"mesh: {config.mesh!r} is given but parallel is 'none'; use --parallel ddp or daso")
         return
+    if config.parallel_reduce not in REDUCTIONS:
+        raise ValueError(
+            f"parallel_reduce: unknown reduction {config.parallel_reduce!r}; allowed: {', '.join(REDUCTIONS)}"
+        )
     mesh = mesh_for(config)
     check_divisible(config.batch_size, mesh)
     if config.parallel == "daso":
@@ -133,13 +138,18 @@ def _host(tree: Any) -> Any:
 
 
 class DataParallelRunner(SingleDeviceRunner):
-    """DDP: the training step of :func:`jaxalgo.train.make_train_step` on a data-parallel estimator."""
+    """DDP: the training step of :func:`jaxalgo.train.make_train_step` on a data-parallel estimator.
+
+    For weight-perturbation forward gradients (``estimator.split`` set) the step all-reduces only the ``k``
+    directional derivatives and the loss (``config.parallel_reduce = "auto"``); ``"gradients"`` forces the ordinary
+    gradient all-reduce.
+    """
 
     def __init__(self, experiment: Any):
         from jaxalgo.train import make_train_step
 
         self.mesh = mesh_for(experiment.config)
-        estimator = data_parallel(experiment.estimator, self.mesh)
+        estimator = data_parallel(experiment.estimator, self.mesh, reduce=experiment.config.parallel_reduce)
         self._step = make_train_step(estimator, experiment.optimizer)
         self._run_key = replicate(experiment.run_key, self.mesh)
         self.is_primary = jax.process_index() == 0
@@ -162,7 +172,9 @@ class DasoRunner:
         config = experiment.config
         self.mesh = mesh_for(config)
         self.config = daso_config_from(config)
-        self.daso = daso(experiment.estimator, experiment.optimizer, self.mesh, self.config)
+        self.daso = daso(
+            experiment.estimator, experiment.optimizer, self.mesh, self.config, reduce=config.parallel_reduce
+        )
         self._run_key = replicate(experiment.run_key, self.mesh)
         self._steps_per_epoch = experiment.steps_per_epoch
         self._epochs = config.epochs
