@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from jaxalgo.config import OPTIMIZERS, TrainConfig
+from jaxalgo.config import OPTIMIZERS, TANGENT_DISTRIBUTIONS, TrainConfig
 
 DEFAULTS = TrainConfig()
 
@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--estimator", default=DEFAULTS.estimator, help=f"gradient estimator: {', '.join(ESTIMATORS)}")
     add("--optimizer", default=DEFAULTS.optimizer, help=f"optax optimizer: {', '.join(OPTIMIZERS)}")
     add("--tangents", type=int, default=DEFAULTS.tangents, help="forward gradients: number of tangents k")
+    add(
+        "--tangent-dist",
+        default=DEFAULTS.tangent_dist,
+        help=f"forward gradients (fg, frog): tangent distribution, {', '.join(TANGENT_DISTRIBUTIONS)}",
+    )
     add("--lr", type=float, default=DEFAULTS.lr, help="learning rate (> 0)")
     add("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="weight decay (>= 0)")
     add("--epochs", type=int, default=DEFAULTS.epochs, help="passes over the training split")

@@ -11,7 +11,7 @@ estimate is ``g = V^T c`` with (see :mod:`jaxalgo.grads._combine`)
 The primal is computed once (``jax.linearize``); the ``k`` Jacobian-vector products reuse its residuals.
 
 Batching strategies and the memory each holds besides the linearised primal (``n`` parameters, ``k`` tangents,
-``A`` the activation memory of one JVP, ``B = min(2**16, n)`` a coordinate block):
+``A`` the activation memory of one JVP, ``B = min(2**12, n)`` a coordinate block):
 
 ======== ========================================================== ==============================
 strategy what it does                                               extra memory

@@ -9,7 +9,7 @@ Key scheme (the same for every strategy, so an estimate depends only on the key)
 - tangent ``i`` uses ``key_i = fold_in(key, i)`` (as :mod:`jaxalgo.grads._rank1_tangents` does), so it does not
   depend on the number of tangents ``k`` or on the batching;
 - the flattened parameter vector (leaves in ``jax.tree.leaves`` order, each raveled) is cut into blocks of
-  ``B = min(2**16, n)`` coordinates; block ``b`` of tangent ``i`` is drawn from ``fold_in(key_i, b)``.
+  ``B = min(2**12, n)`` coordinates; block ``b`` of tangent ``i`` is drawn from ``fold_in(key_i, b)``.
 
 Blocks let a strategy draw either a whole tangent (all blocks of one ``i``: memory ``O(n)``) or one block of all
 tangents (``(k, B)``: what the Gram matrix ``V V^T`` and the estimate ``V^T c`` need), without the ``k x n``
@@ -48,7 +48,7 @@ import jax.numpy as jnp
 from jaxalgo.grads._rank1_tangents import tangent_keys
 
 DISTRIBUTIONS: tuple[str, ...] = ("gaussian", "rademacher")
-MAX_BLOCK_SIZE = 1 << 16
+MAX_BLOCK_SIZE = 1 << 12
 RESAMPLE_MAX_PARAMS = 256
 RESAMPLE_MAX_ATTEMPTS = 64
 
@@ -70,7 +70,7 @@ class FlatLayout:
       shapes, dtypes: of the leaves, in ``jax.tree.leaves`` order.
       offsets: where each leaf starts in the flat vector.
       num_params: ``n``.
-      block_size: ``B = min(2**16, n)``; ``num_blocks * B >= n`` (the last block is cut at ``n``).
+      block_size: ``B = min(2**12, n)``; ``num_blocks * B >= n`` (the last block is cut at ``n``).
       dtype: the compute dtype (float64 if a leaf is float64, else float32).
     """
 
