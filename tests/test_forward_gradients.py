@@ -336,3 +336,28 @@ def test_bad_inputs_raise_before_any_work():
     split = forward_gradient_directional(loss_fn, num_tangents=2)
     with pytest.raises(ValueError, match=r"d: expected shape \(2,\)"):
         split.estimate_from_directional({"w": jnp.ones(3)}, jnp.ones(3), key=jax.random.key(0))
+
+
+def test_cli_flags_and_config_validation():
+    from jaxalgo import cli
+    from jaxalgo.config import TrainConfig, validate_config
+
+    args = cli.build_parser().parse_args(["train", "--estimator", "frog", "--tangents", "8", "--tangent-dist", "rank1"])
+    config = cli.config_from_args(args)
+    assert (config.estimator, config.tangents, config.tangent_dist) == ("frog", 8, "rank1")
+    with pytest.raises(ValueError, match="tangent_dist: unknown tangent distribution 'sobol'; allowed: gaussian"):
+        validate_config(TrainConfig(estimator="fg", tangent_dist="sobol"))
+    with pytest.raises(ValueError, match="tangent_dist: 'frog-rank1' always uses rank-1 tangents"):
+        validate_config(TrainConfig(estimator="frog-rank1", tangent_dist="rademacher"))
+
+
+def test_frog_trains_digits_through_train_and_evaluate(tmp_path):
+    from jaxalgo.config import TrainConfig
+    from jaxalgo.train import train_and_evaluate
+
+    config = TrainConfig(
+        estimator="frog", tangents=8, tangent_dist="rademacher", optimizer="sgd", lr=10.0, epochs=2, hidden=(32,),
+        quiet=True,
+    )  # fmt: skip
+    final = train_and_evaluate(config, tmp_path / "run")
+    assert final["test_accuracy"] > 0.5  # chance is 0.1
