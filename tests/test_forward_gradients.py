@@ -276,7 +276,7 @@ def test_rank1_tangents_dispatch_to_the_rank1_estimator(aggregation):
 
 
 def test_scan_memory_is_flat_in_k_while_vmap_holds_the_tangents():
-    params, batch = make_problem(sizes=(64, 512, 256, 10), batch=32, dtype=np.float32)  # n = 166,666
+    params, batch = make_problem(sizes=(64, 256, 128, 10), batch=16, dtype=np.float32)  # n = 50,826: 13 blocks
     n = sum(x.size for x in jax.tree.leaves(params))
 
     def temp_bytes(batching, k):
@@ -287,7 +287,7 @@ def test_scan_memory_is_flat_in_k_while_vmap_holds_the_tangents():
     scan4, scan32 = temp_bytes("scan", 4), temp_bytes("scan", 32)
     vmap4, vmap32 = temp_bytes("vmap", 4), temp_bytes("vmap", 32)
     assert vmap32 - vmap4 > 28 * n * 4  # the k x n tangent matrix
-    assert scan32 - scan4 < 0.1 * 28 * n * 4  # only k x k and k x B (B = 4096) terms grow
+    assert scan32 - scan4 < 0.25 * 28 * n * 4  # only k x k and k x B (B = 4096) terms grow
 
 
 def _bad(**overrides):
