@@ -80,8 +80,7 @@ def x64():
 
 
 @pytest.mark.usefixtures("x64")
-@pytest.mark.parametrize("tangents", ["gaussian", "rademacher"])
-@pytest.mark.parametrize("extra", [0, 3])
+@pytest.mark.parametrize(("tangents", "extra"), [("gaussian", 0), ("rademacher", 3)])
 def test_projection_with_k_at_least_n_is_the_exact_gradient(tangents, extra):
     params, batch = make_problem()
     true = flat(jax.grad(loss_fn)(params, batch))
@@ -176,7 +175,7 @@ def test_expectation_of_the_estimate(aggregation, tangents, normalize, factor):
 @pytest.mark.usefixtures("x64")
 @pytest.mark.parametrize(
     ("aggregation", "tangents", "normalize"),
-    [("sum", "gaussian", False), ("mean", "gaussian", True), ("orthogonal_projection", "rademacher", False)],
+    [("mean", "gaussian", True), ("orthogonal_projection", "rademacher", False)],
 )
 def test_every_batching_gives_the_same_estimate_and_simulated_mode_agrees(aggregation, tangents, normalize):
     params, batch = make_problem(sizes=(5, 9, 3))
@@ -216,8 +215,13 @@ def test_split_form_and_aux_and_scaling_correction():
     key = jax.random.key(5)
     options = dict(num_tangents=6, aggregation="orthogonal_projection")
     split = forward_gradient_directional(loss_fn, **options)
-    _, d = split.directional_derivatives(params, batch, key=key)
-    grads = split.estimate_from_directional(params, d, key=key)
+
+    @jax.jit
+    def split_step(p, b, k):
+        _, d = split.directional_derivatives(p, b, key=k)
+        return d, split.estimate_from_directional(p, d, key=k)
+
+    d, grads = split_step(params, batch, key)
     _, reference = run(params, batch, key, **options)
     np.testing.assert_allclose(flat(grads), flat(reference), rtol=1e-12)
     assert d.shape == (6,)
@@ -226,13 +230,12 @@ def test_split_form_and_aux_and_scaling_correction():
     v = jax.vmap(lambda k: tangent_flat(k, layout, "gaussian"))(tangent_keys(key, 6))
     np.testing.assert_allclose(d, v @ flat(jax.grad(loss_fn)(params, batch)), rtol=1e-12)
 
+    # has_aux returns (loss, aux); the scaling correction multiplies the estimate by chi(n) / chi(k).
     aux_loss = lambda p, b: (loss_fn(p, b), {"twice": 2 * loss_fn(p, b)})
-    est = forward_gradient(aux_loss, has_aux=True, **options)
-    (value, aux), aux_grads, _ = est.value_and_grad(params, est.init(params), batch, key=key)
+    est = forward_gradient(aux_loss, has_aux=True, scaling_correction=True, **options)
+    (value, aux), corrected, _ = jax.jit(lambda p, b: est.value_and_grad(p, None, b, key=key))(params, batch)
     np.testing.assert_allclose(aux["twice"], 2 * value)
-    np.testing.assert_allclose(flat(aux_grads), flat(reference), rtol=1e-12)
-
-    _, corrected = run(params, batch, key, scaling_correction=True, **options)
+    np.testing.assert_allclose(value, loss_fn(params, batch), rtol=1e-13)
     factor = scaling_correction("orthogonal_projection", num_tangents=6, num_params=N_SMALL)
     assert factor > 1.5
     np.testing.assert_allclose(flat(corrected), factor * flat(reference), rtol=1e-12)
