@@ -175,11 +175,10 @@ def main():
     medians = _time_interleaved(compiled, args, REPEATS)
     base = medians["backprop"]
     ratios = {name: medians[name] / base for name in medians}
-    gen_gauss, gen_rad = medians["gen_gaussian"], medians["gen_rademacher"]
+    gen_gauss = medians["gen_gaussian"]
     # Step minus the same draw timed on its own: an upper bound on the rest of the step (inside the step XLA fuses
     # the draw into its consumers, so the draw costs less there). Not shown for scan (3 fused draws) or Rademacher
     # (whose fused draw is nearly free).
-    del gen_rad
     excluding = {
         "frog_k16": (medians["frog_k16"] - gen_gauss) / base,
         "fg_k16": (medians["fg_k16"] - gen_gauss) / base,
