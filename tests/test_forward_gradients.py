@@ -268,8 +268,8 @@ def test_float32_projection_with_k_equal_n_stays_finite():
 
 
 @pytest.mark.usefixtures("x64")
-@pytest.mark.parametrize("aggregation", ["mean", "orthogonal_projection"])
-def test_rank1_tangents_dispatch_to_the_rank1_estimator(aggregation):
+def test_rank1_tangents_dispatch_to_the_rank1_estimator():
+    aggregation = "orthogonal_projection"
     params, batch = make_problem()
     key = jax.random.key(4)
     _, grads = run(params, batch, key, num_tangents=3, aggregation=aggregation, tangents="rank1", batching="scan")
@@ -287,10 +287,9 @@ def test_scan_memory_is_flat_in_k_while_vmap_holds_the_tangents():
         step = jax.jit(lambda p, b, key: est.value_and_grad(p, None, b, key=key)[1])
         return step.lower(params, batch, jax.random.key(0)).compile().memory_analysis().temp_size_in_bytes
 
-    scan4, scan32 = temp_bytes("scan", 4), temp_bytes("scan", 32)
-    vmap4, vmap32 = temp_bytes("vmap", 4), temp_bytes("vmap", 32)
-    assert vmap32 - vmap4 > 28 * n * 4  # the k x n tangent matrix
-    assert scan32 - scan4 < 0.25 * 28 * n * 4  # only k x k and k x B (B = 4096) terms grow
+    scan4, scan32, vmap32 = temp_bytes("scan", 4), temp_bytes("scan", 32), temp_bytes("vmap", 32)
+    assert vmap32 - scan32 > 32 * n * 4  # vmap holds (at least) the k x n tangent matrix
+    assert scan32 - scan4 < 0.25 * 28 * n * 4  # scan: only k x k and k x B (B = 4096) terms grow with k
 
 
 def _bad(**overrides):
