@@ -178,7 +178,7 @@ def test_expectation_of_the_estimate(aggregation, tangents, normalize, factor):
     [("mean", "gaussian", True), ("orthogonal_projection", "rademacher", False)],
 )
 def test_every_batching_gives_the_same_estimate_and_simulated_mode_agrees(aggregation, tangents, normalize):
-    params, batch = make_problem(sizes=(5, 9, 3))
+    params, batch = make_problem(sizes=(8, 24, 3))  # n = 291: Rademacher resampling (tested above) is off
     key = jax.random.key(3)
     options = dict(num_tangents=7, aggregation=aggregation, tangents=tangents, normalize_tangents=normalize)
     loss, reference = run(params, batch, key, **options)
