@@ -16,7 +16,8 @@ Batching strategies and the memory each holds besides the linearised primal (``n
 ======== ========================================================== ==============================
 strategy what it does                                               extra memory
 ======== ========================================================== ==============================
-vmap     draws ``V`` once; the k JVPs together; ``V V^T``, ``V^T c`` ``k n + k A``
+vmap     draws ``V`` once (tangent by tangent into one buffer);   ``k n + k A``
+         the k JVPs together; ``V V^T``, ``V^T c``
 scan     one tangent at a time (drawn, pushed, dropped); Gram and   ``n + A + k B``
          estimate by coordinate blocks, redrawing ``V`` block by
          block (no ``k x n`` matrix)
@@ -205,7 +206,7 @@ def _dense_parts(
             return jvp(layout.split(flat), flat).astype(dtype)
 
         if batching == "vmap":
-            v = jax.vmap(lambda tk: _tangents.tangent_flat(tk, layout, distribution))(keys)
+            v = jax.lax.map(lambda tk: _tangents.tangent_flat(tk, layout, distribution), keys)
             d = jax.vmap(lambda vf: jvp(layout.split(vf), vf))(v).astype(dtype)
             return out, d, keys, v
         return out, _map_tangents(one, keys, batching, chunk_size), keys, None
@@ -273,7 +274,7 @@ def _dense_parts(
         keys = effective_keys(key, layout)
         v = None
         if batching == "vmap":
-            v = jax.vmap(lambda tk: _tangents.tangent_flat(tk, layout, distribution))(keys)
+            v = jax.lax.map(lambda tk: _tangents.tangent_flat(tk, layout, distribution), keys)
         return estimate(params, d, keys, v)
 
     def value_and_grad(params: Params, state: EmptyState, batch: Batch, *, key: jax.Array):
