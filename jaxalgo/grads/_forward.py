@@ -21,7 +21,8 @@ vmap     draws ``V`` once (tangent by tangent into one buffer);   ``k n + k A``
 scan     one tangent at a time (drawn, pushed, dropped); Gram and   ``n + A + k B``
          estimate by coordinate blocks, redrawing ``V`` block by
          block (no ``k x n`` matrix)
-chunk    ``chunk_size = c`` tangents at a time, otherwise as scan   ``c n + c A + k B``
+chunk    ``chunk_size = c`` tangents at a time (drawn one by one), ``c n + c A + k B``
+         otherwise as scan
 ======== ========================================================== ==============================
 
 ``scan`` and ``chunk`` draw each tangent twice (JVP pass, estimate pass) and three times for the projection (Gram
@@ -92,22 +93,26 @@ def _check_rank1_options(normalize_tangents: bool, batching: str, mode: str) -> 
         raise ValueError(f"mode: tangents='rank1' supports mode='forward' only, got {mode!r}")
 
 
-def _map_tangents(fn: Callable[[jax.Array], Any], keys: jax.Array, batching: str, chunk_size: int | None) -> Any:
-    """``fn`` over the per-tangent keys, stacked along axis 0: all at once, one at a time, or in chunks."""
-    if batching == "vmap":
-        return jax.vmap(fn)(keys)
+def _map_tangents(
+    one: Callable[[jax.Array], Any],
+    several: Callable[[jax.Array], Any],
+    keys: jax.Array,
+    batching: str,
+    chunk_size: int | None,
+) -> Any:
+    """Per-tangent results stacked along axis 0: ``one(key)`` one at a time (``scan``) or ``several(keys)`` on
+    chunks of ``chunk_size`` keys (``chunk``; the last chunk may be shorter)."""
     if batching == "scan":
-        return jax.lax.map(fn, keys)
+        return jax.lax.map(one, keys)
     k = keys.shape[0]
     c = min(chunk_size, k)
     full = (k // c) * c
     parts = []
     if full:
-        chunks = keys[:full].reshape(k // c, c, *keys.shape[1:])
-        out = jax.lax.map(jax.vmap(fn), chunks)
+        out = jax.lax.map(several, keys[:full].reshape(k // c, c, *keys.shape[1:]))
         parts.append(jax.tree.map(lambda x: x.reshape(full, *x.shape[2:]), out))
     if full < k:
-        parts.append(jax.vmap(fn)(keys[full:]))
+        parts.append(several(keys[full:]))
     if len(parts) == 1:
         return parts[0]
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
@@ -201,15 +206,19 @@ def _dense_parts(
         loss = out[0] if has_aux else out
         dtype = jnp.promote_types(loss.dtype, layout.dtype)
 
-        def one(tangent_key):
+        def one(tangent_key):  # one tangent: drawn, pushed, dropped
             flat = _tangents.tangent_flat(tangent_key, layout, distribution)
             return jvp(layout.split(flat), flat).astype(dtype)
 
+        def several(tangent_keys):  # drawn one by one into a (c, n) buffer, pushed together
+            v = jax.lax.map(lambda tk: _tangents.tangent_flat(tk, layout, distribution), tangent_keys)
+            return v, jax.vmap(lambda vf: jvp(layout.split(vf), vf))(v).astype(dtype)
+
         if batching == "vmap":
-            v = jax.lax.map(lambda tk: _tangents.tangent_flat(tk, layout, distribution), keys)
-            d = jax.vmap(lambda vf: jvp(layout.split(vf), vf))(v).astype(dtype)
+            v, d = several(keys)
             return out, d, keys, v
-        return out, _map_tangents(one, keys, batching, chunk_size), keys, None
+        d = _map_tangents(one, lambda ks: several(ks)[1], keys, batching, chunk_size)
+        return out, d, keys, None
 
     def coefficients(d: jax.Array, layout: FlatLayout, gram: jax.Array | None, sq_norms: jax.Array | None):
         n = layout.num_params
