@@ -7,7 +7,7 @@ Model: MLP 784-1024-1024-1024-10 (ReLU, softmax cross-entropy, 2.9M parameters),
    Every step is one jit-compiled ``value_and_grad`` including tangent sampling; medians of interleaved repeats.
 2. Tangent generation on its own: 16 dense tangents of 2.9M entries with each generator JAX offers (threefry,
    rbg, unsafe_rbg key implementations; Gaussian via ``jax.random.normal``; Rademacher from raw bits), and the
-   dense steps' time with the generation subtracted.
+   FROG k = 16 step with its tangents drawn beforehand (the step excluding generation).
 3. Compiled temp memory (``memory_analysis``) of each batching strategy (vmap, scan, chunk of 4) for FROG k = 16 and
    of backprop, for MLPs of depth 4 and 32 (hidden width 1024).
 
