@@ -19,7 +19,7 @@ Distributions (both have ``E[v v^T] = I``, so the sum and mean estimators are un
 
 - ``"gaussian"``: ``N(0, 1)`` entries (``jax.random.normal`` on the default threefry generator);
 - ``"rademacher"``: ``+-1`` with probability 1/2 each, one random *bit* per entry (32 entries per 32-bit word of
-  ``jax.random.bits``), exact and about 9x cheaper to draw than a Gaussian on CPU.
+  ``jax.random.bits``), exact; 32x fewer random bits, about 2x cheaper to draw than a Gaussian on CPU.
 
 Measured on a 2-core CPU (16 tangents of 2.9M entries; see ``benchmarks/forward_gradients.py``): the threefry
 generator is faster than XLA's ``RngBitGenerator`` behind the ``rbg`` and ``unsafe_rbg`` key implementations, and
