@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from jaxalgo.config import OPTIMIZERS, TrainConfig
+from jaxalgo.config import OPTIMIZERS, TANGENT_DISTRIBUTIONS, TrainConfig
 
 DEFAULTS = TrainConfig()
 
@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--feedback-reduction",
         default=DEFAULTS.feedback_reduction,
         help="f3, dfa, drtp, llo: hidden updates sum (reference) or mean over the batch",
+    )
+    add(
+        "--tangent-dist",
+        default=DEFAULTS.tangent_dist,
+        help=f"forward gradients (fg, frog): tangent distribution, {', '.join(TANGENT_DISTRIBUTIONS)}",
     )
     add("--lr", type=float, default=DEFAULTS.lr, help="learning rate (> 0)")
     add("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="weight decay (>= 0)")

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd", "momentum")
+TANGENT_DISTRIBUTIONS: tuple[str, ...] = ("gaussian", "rademacher", "rank1")
 
 # Fields that may differ between a checkpointed run and the run that resumes it: they do not change what
 # a step computes.
@@ -73,6 +74,8 @@ class TrainConfig:
       feedback_mode: "per_block" (each block's update right after its forward) or "surrogate" (one pure
         objective); the same updates (f3, dfa, drtp, llo).
       feedback_reduction: "sum" (the F3 reference's) or "mean" over the batch for hidden blocks' updates.
+      tangent_dist: tangent distribution of ``fg`` / ``frog``, one of :data:`TANGENT_DISTRIBUTIONS` (``fg-rank1`` /
+        ``frog-rank1`` are ``fg`` / ``frog`` with ``rank1``).
     """
 
     model: str = "mlp"
@@ -123,6 +126,7 @@ class TrainConfig:
     feedback_init: str = "kaiming_uniform"
     feedback_mode: str = "per_block"
     feedback_reduction: str = "sum"
+    tangent_dist: str = "gaussian"
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -173,6 +177,17 @@ def validate_config(config: TrainConfig) -> None:
         raise ValueError(f"lowrank: {config.lowrank!r} runs on one device only; got parallel={config.parallel!r}")
     if isinstance(config.tangents, bool) or not isinstance(config.tangents, int) or config.tangents < 1:
         raise ValueError(f"tangents: must be an integer >= 1, got {config.tangents!r}")
+    if config.tangent_dist not in TANGENT_DISTRIBUTIONS:
+        raise ValueError(
+            f"tangent_dist: unknown tangent distribution {config.tangent_dist!r}; "
+            f"allowed: {', '.join(TANGENT_DISTRIBUTIONS)}"
+        )
+    if config.estimator.endswith("-rank1") and config.tangent_dist not in ("gaussian", "rank1"):
+        raise ValueError(
+            f"tangent_dist: {config.estimator!r} always uses rank-1 tangents, got tangent_dist="
+            f"{config.tangent_dist!r}; use --estimator {config.estimator.removesuffix('-rank1')} "
+            f"--tangent-dist {config.tangent_dist}"
+        )
     if not 0.0 < config.test_fraction < 1.0:
         raise ValueError(f"test_fraction: must be in (0, 1), got {config.test_fraction!r}")
     _validate_feedback_fields(config)

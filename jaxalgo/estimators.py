@@ -42,8 +42,25 @@ def _backprop(context: EstimatorContext) -> grads.Estimator:
     return grads.backprop(context.loss_fn)
 
 
+FORWARD_ESTIMATORS: dict[str, str] = {"fg": "mean", "frog": "orthogonal_projection"}
+"""CLI names of the multi-tangent forward-gradient estimators, and their aggregation."""
+
+
+def _forward_gradient(context: EstimatorContext) -> grads.Estimator:
+    """``fg`` / ``frog`` with ``config.tangents`` tangents of distribution ``config.tangent_dist``."""
+    config = context.config
+    return grads.forward_gradient(
+        context.loss_fn,
+        num_tangents=config.tangents,
+        aggregation=FORWARD_ESTIMATORS[config.estimator],
+        tangents=config.tangent_dist,
+    )
+
+
 ESTIMATOR_BUILDERS: dict[str, Callable[[EstimatorContext], grads.Estimator]] = {
     "backprop": _backprop,
+    "fg": _forward_gradient,
+    "frog": _forward_gradient,
     "fg-rank1": build_rank1_estimator,
     "frog-rank1": build_rank1_estimator,
     "fg-activity": build_activity_estimator,

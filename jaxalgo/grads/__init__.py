@@ -13,6 +13,7 @@ from jaxalgo.grads._f3 import (
 )
 from jaxalgo.grads._fa import fa
 from jaxalgo.grads._feedback import FEEDBACK_INITS, feedback_matrices
+from jaxalgo.grads._forward import forward_gradient, forward_gradient_directional
 from jaxalgo.grads._rank1 import (
     Rank1ForwardGradient,
     rank1_directional,
@@ -37,6 +38,8 @@ __all__ = [
     "f3",
     "fa",
     "feedback_matrices",
+    "forward_gradient",
+    "forward_gradient_directional",
     "last_layer_only",
     "rank1_directional",
     "rank1_fallbacks",

@@ -56,8 +56,11 @@ def combination_coefficients(aggregation: str, directional: jax.Array, gram: jax
     Args:
       aggregation: one of :data:`AGGREGATIONS`.
       directional: the directional derivatives ``d`` (k,).
-      gram: the Gram matrix ``V V^T`` (k, k); needed only for ``orthogonal_projection``. It must be positive
-        definite (linearly independent tangents, ``k <= n``); computed in at least float32.
+      gram: the Gram matrix ``V V^T`` (k, k); needed only for ``orthogonal_projection``. It should be positive
+        definite (linearly independent tangents, ``k <= n``); computed in at least float32. If its Cholesky
+        factorisation breaks down (numerically singular: ``k`` close to ``n`` in float32, or dependent
+        tangents) the pseudo-inverse is used instead, which projects onto the numerically independent
+        directions rather than returning NaN.
 
     Returns:
       ``c`` in the dtype of ``directional`` promoted to at least float32.
@@ -71,5 +74,15 @@ def combination_coefficients(aggregation: str, directional: jax.Array, gram: jax
         return d / d.shape[0]
     if gram is None:
         raise ValueError("gram: the orthogonal projection needs the Gram matrix V V^T of the tangents")
-    factor = jax.scipy.linalg.cho_factor(gram.astype(dtype), lower=True)
-    return jax.scipy.linalg.cho_solve(factor, d)
+    gram = gram.astype(dtype)
+    factor = jax.scipy.linalg.cho_factor(gram, lower=True)
+    solution = jax.scipy.linalg.cho_solve(factor, d)
+    return jnp.where(jnp.all(jnp.isfinite(solution)), solution, _pseudo_solve(gram, d))
+
+
+def _pseudo_solve(gram: jax.Array, d: jax.Array) -> jax.Array:
+    """``G^+ d`` by the eigendecomposition of the symmetric ``G``, eigenvalues below ``k eps max|lambda|`` dropped."""
+    eigenvalues, vectors = jnp.linalg.eigh(gram)
+    cutoff = gram.shape[0] * jnp.finfo(gram.dtype).eps * jnp.max(jnp.abs(eigenvalues))
+    inverse = jnp.where(eigenvalues > cutoff, 1.0 / jnp.where(eigenvalues > cutoff, eigenvalues, 1.0), 0.0)
+    return vectors @ (inverse * (vectors.T @ d))
