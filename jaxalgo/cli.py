@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--tangent-dist",
         default=DEFAULTS.tangent_dist,
-        help=f"forward gradients (fg, frog): tangent distribution, {', '.join(TANGENT_DISTRIBUTIONS)}",
+        help=f"forward gradients: tangent distribution, {', '.join(TANGENT_DISTRIBUTIONS)} (activity: not rank1)",
     )
     add("--lr", type=float, default=DEFAULTS.lr, help="learning rate (> 0)")
     add("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="weight decay (>= 0)")

@@ -21,7 +21,15 @@ import pytest
 from jaxalgo import parallel as par
 from jaxalgo.config import TrainConfig
 from jaxalgo.data import iterate_batches
-from jaxalgo.grads import DirectionalSplit, EmptyState, Estimator, _combine, backprop, rank1_forward_gradient
+from jaxalgo.grads import (
+    DirectionalSplit,
+    EmptyState,
+    Estimator,
+    _combine,
+    backprop,
+    forward_gradient,
+    rank1_forward_gradient,
+)
 from jaxalgo.parallel._train import make_runner
 from jaxalgo.train import TrainState, make_train_step, setup, train_and_evaluate
 
@@ -112,6 +120,15 @@ def build(kind, aggregation, *, num_tangents=4, has_aux=False, loss=None):
     loss = loss or (loss_with_aux if has_aux else loss_fn)
     if kind == "rank1":
         return rank1_forward_gradient(loss, num_tangents=num_tangents, aggregation=aggregation, has_aux=has_aux)
+    if kind.startswith("library-"):
+        return forward_gradient(
+            loss,
+            num_tangents=num_tangents,
+            aggregation=aggregation,
+            tangents=kind.removeprefix("library-"),
+            batching="scan",
+            has_aux=has_aux,
+        )
     return dense_forward_gradient(
         loss, num_tangents=num_tangents, aggregation=aggregation, distribution=kind, has_aux=has_aux
     )
@@ -121,11 +138,14 @@ def flat(tree):
     return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
 
 
-# every tangent distribution and every aggregation: rank-1 (library), dense Gaussian and Rademacher (this file)
+# every tangent distribution and every aggregation: the library's rank-1 and dense forward gradients, and dense
+# Gaussian and Rademacher estimators written in this file
 CASES = [("rank1", a) for a in AGGREGATIONS] + [
     ("gaussian", "mean"),
     ("gaussian", "orthogonal_projection"),
     ("rademacher", "orthogonal_projection"),
+    ("library-gaussian", "orthogonal_projection"),
+    ("library-rademacher", "mean"),
 ]
 
 
@@ -364,12 +384,12 @@ def test_two_processes_agree_with_one_process_on_8_devices(tmp_path):
     assert expected["orthogonal_projection_losses"][-1] < expected["orthogonal_projection_losses"][0]
 
 
-DIGITS = {"estimator": "frog-rank1", "tangents": 16, "optimizer": "sgd", "lr": 10.0, "hidden": (64,)}
+DIGITS = {"estimator": "frog", "tangents": 16, "optimizer": "sgd", "lr": 10.0, "hidden": (64,)}
 DIGITS |= {"epochs": 10, "batch_size": 64, "seed": 0, "quiet": True}
 
 
-def test_digits_frog_rank1_ddp_2x4_reaches_the_single_device_accuracy(tmp_path):
-    """``jaxalgo train --parallel ddp --mesh 2x4 --estimator frog-rank1 --tangents 16`` against one device, same seed
+def test_digits_frog_ddp_2x4_reaches_the_single_device_accuracy(tmp_path):
+    """``jaxalgo train --parallel ddp --mesh 2x4 --estimator frog --tangents 16`` against one device, same seed
     and global batch; and the run's DDP step all-reduces only k + 1 numbers."""
     with jax.enable_x64(False):  # as the CLI runs
         single = train_and_evaluate(TrainConfig(**DIGITS), tmp_path / "single")

@@ -406,9 +406,16 @@ def build_activity_estimator(context: Any) -> Estimator:
         raise ValueError(
             f"estimator: {name!r} is not an activity-perturbation estimator; allowed: {', '.join(ACTIVITY_ESTIMATORS)}"
         )
+    tangents = getattr(context.config, "tangent_dist", "gaussian")
+    if tangents not in TANGENTS:
+        raise ValueError(
+            f"tangent_dist: activity perturbation draws {' or '.join(TANGENTS)} tangents, got {tangents!r} "
+            "(rank-1 tangents are for weight perturbation: --estimator fg or frog)"
+        )
     return activity_forward_gradient(
         context.chain,
         context.output_loss,
         num_tangents=context.config.tangents,
         aggregation=ACTIVITY_ESTIMATORS[name],
+        tangents=tangents,
     )

@@ -163,6 +163,16 @@ def forward_gradient_directional(
     return parts
 
 
+def _vary_like(tangent: jax.Array, primal: jax.Array) -> jax.Array:
+    """``tangent`` marked as varying over the ``shard_map`` axes ``primal`` varies over (a no-op outside
+    ``shard_map``): inside a data-parallel step the parameters are per-device values while the tangents, drawn from
+    the shared key, are not, and ``jax.linearize`` wants tangents typed like the primals."""
+    missing = tuple(
+        frozenset(jax.typeof(primal).manual_axis_type.varying) - frozenset(jax.typeof(tangent).manual_axis_type.varying)
+    )
+    return jax.lax.pcast(tangent, missing, to="varying") if missing else tangent
+
+
 def _dense_parts(
     loss_fn, k, aggregation, distribution, normalize, correct, batching, chunk_size, has_aux, mode
 ) -> tuple[DirectionalSplit, Callable[..., Any]]:
@@ -194,8 +204,13 @@ def _dense_parts(
             out = (loss, aux)
         else:
             out, lin = jax.linearize(lambda p: checked_loss(p, batch), params)
-        treedef = jax.tree.structure(params)
-        return out, lambda v_leaves, v_flat: lin(jax.tree.unflatten(treedef, v_leaves))
+        param_leaves, treedef = jax.tree.flatten(params)
+
+        def jvp(v_leaves, v_flat):
+            v_leaves = [_vary_like(v, p) for v, p in zip(v_leaves, param_leaves, strict=True)]
+            return lin(jax.tree.unflatten(treedef, v_leaves))
+
+        return out, jvp
 
     def directional_with_tangents(params, batch, key):
         """``(out, d, V or None)``; ``V`` (``k x n``) is returned only by ``vmap``, which holds it anyway."""
