@@ -11,8 +11,10 @@ Model: MLP 784-1024-1024-1024-10 (ReLU, softmax cross-entropy, 2.9M parameters),
 3. Compiled temp memory (``memory_analysis``) of each batching strategy (vmap, scan, chunk of 4) for FROG k = 16 and
    of backprop, for MLPs of depth 4 and 32 (hidden width 1024).
 
-The steps are a list of ``(name, builder)`` entries, ``builder(loss_fn) -> value_and_grad``; other estimators
-(activity perturbation) are added by appending entries.
+The steps are a list of ``(name, builder)`` entries, ``builder(loss_fn) -> value_and_grad``. Activity perturbation
+(``fg_k*_activity``, ``frog_k*_activity``, tangent generation included) needs the model as a chain of blocks: it runs
+on ``jaxalgo.models.mlp`` with the same sizes and activation, timed in the same interleaved loop and divided by the
+same backprop step (``backprop_chain`` is backprop on that chain, for comparison).
 
 Reference implementation (PyTorch, forward-mode AD, one pass per tangent), measured on the same machine, MLP and
 batch (issue #8): backprop 45 ms; weight-perturbation FROG k = 16 1021 ms (22.6x its backprop); activity-perturbation
@@ -33,9 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalgo.grads import backprop, forward_gradient
+from jaxalgo.grads import activity_forward_gradient, backprop, forward_gradient
 from jaxalgo.grads._combine import combination_coefficients
 from jaxalgo.grads._tangents import FlatLayout, tangent_flat, tangent_keys
+from jaxalgo.losses import softmax_cross_entropy
+from jaxalgo.models import mlp, split_chain
 
 SIZES = (784, 1024, 1024, 1024, 10)
 BATCH = 256
@@ -188,6 +192,18 @@ def main():
         compiled[f"gen_{name}"] = jax.jit(gen).lower(key).compile()
         args[f"gen_{name}"] = (key,)
         jax.block_until_ready(compiled[f"gen_{name}"](key))
+    chain_fn, chain_params = split_chain(mlp((SIZES[0],), SIZES[-1], hidden=SIZES[1:-1], key=key))
+    chain_steps = {"backprop_chain": backprop(lambda p, b: softmax_cross_entropy(chain_fn(p, b["x"]), b["y"]))}
+    for k in (1, 4, 16):
+        for label, aggregation in (("fg", "mean"), ("frog", "orthogonal_projection")):
+            chain_steps[f"{label}_k{k}_activity"] = activity_forward_gradient(
+                chain_fn, softmax_cross_entropy, num_tangents=k, aggregation=aggregation
+            )
+    for name, est in chain_steps.items():
+        step = jax.jit(lambda p, b, k, fn=est.value_and_grad: fn(p, None, b, key=k)[:2])
+        compiled[name] = step.lower(chain_params, batch, key).compile()
+        args[name] = (chain_params, batch, key)
+        jax.block_until_ready(compiled[name](chain_params, batch, key))
     medians = _time_interleaved(compiled, args, REPEATS)
     base = medians["backprop"]
     ratios = {name: medians[name] / base for name in medians}
@@ -203,7 +219,9 @@ def main():
     print(
         f"reference (PyTorch) on this machine: backprop {REFERENCE_MS['backprop']:.0f} ms, weight FROG k=16 "
         f"{REFERENCE_MS['frog_k16_weight']:.0f} ms; here: backprop {1e3 * base:.0f} ms, frog_k16 "
-        f"{1e3 * medians['frog_k16']:.0f} ms, frog_rank1_k16 {1e3 * medians['frog_rank1_k16']:.0f} ms"
+        f"{1e3 * medians['frog_k16']:.0f} ms, frog_rank1_k16 {1e3 * medians['frog_rank1_k16']:.0f} ms; "
+        f"activity FROG k=16: reference {REFERENCE_MS['frog_k16_activity']:.0f} ms, here "
+        f"{1e3 * medians['frog_k16_activity']:.0f} ms ({ratios['frog_k16_activity']:.2f}x backprop)"
     )
     memory = {f"depth{d}": _temp_memory(d) for d in (4, 32)}
     print(f"{'temp memory MiB':<26}" + "".join(f"{name:>17}" for name in memory["depth4"]))
