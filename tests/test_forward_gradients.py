@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxalgo.grads import forward_gradient, forward_gradient_directional, rank1_forward_gradient
+from jaxalgo.grads import _combine, forward_gradient, forward_gradient_directional, rank1_forward_gradient
 from jaxalgo.grads._combine import scaling_correction
 from jaxalgo.grads._tangents import FlatLayout, independent_tangent_keys, tangent_flat, tangent_keys
 
@@ -363,3 +363,21 @@ def test_frog_trains_digits_through_train_and_evaluate(tmp_path):
     )  # fmt: skip
     final = train_and_evaluate(config, tmp_path / "run")
     assert final["test_accuracy"] > 0.5  # chance is 0.1
+
+
+@pytest.mark.parametrize("columns", [(), (3,)])
+def test_singular_gram_falls_back_to_the_pseudo_inverse_projection(columns):
+    """A Gram matrix whose Cholesky factorisation breaks down (a repeated tangent) still gives the orthogonal
+    projection (minimum-norm coefficients), for one right-hand side or one column per example (activity
+    perturbation); a regular Gram matrix gives the exact solve."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        v = rng.standard_normal((4, 6))
+        v[3] = v[2]  # dependent tangents: G is singular
+        d = rng.standard_normal((4, *columns))
+        d[3] = d[2]  # consistent directional derivatives, as for a true gradient
+        c = _combine.combination_coefficients("orthogonal_projection", jnp.asarray(d), jnp.asarray(v @ v.T))
+        np.testing.assert_allclose(np.asarray(c), np.linalg.pinv(v @ v.T) @ d, rtol=1e-8, atol=1e-10)
+        regular = rng.standard_normal((4, 6))
+        c = _combine.combination_coefficients("orthogonal_projection", jnp.asarray(d), jnp.asarray(regular @ regular.T))
+        np.testing.assert_allclose(np.asarray(c), np.linalg.solve(regular @ regular.T, d), rtol=1e-8)

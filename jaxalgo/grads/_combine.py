@@ -55,7 +55,8 @@ def combination_coefficients(aggregation: str, directional: jax.Array, gram: jax
 
     Args:
       aggregation: one of :data:`AGGREGATIONS`.
-      directional: the directional derivatives ``d`` (k,).
+      directional: the directional derivatives ``d``, shape (k,), or (k, ...) for several right-hand sides (one
+        column per example in activity perturbation).
       gram: the Gram matrix ``V V^T`` (k, k); needed only for ``orthogonal_projection``. It should be positive
         definite (linearly independent tangents, ``k <= n``); computed in at least float32. If its Cholesky
         factorisation breaks down (numerically singular: ``k`` close to ``n`` in float32, or dependent
@@ -85,4 +86,5 @@ def _pseudo_solve(gram: jax.Array, d: jax.Array) -> jax.Array:
     eigenvalues, vectors = jnp.linalg.eigh(gram)
     cutoff = gram.shape[0] * jnp.finfo(gram.dtype).eps * jnp.max(jnp.abs(eigenvalues))
     inverse = jnp.where(eigenvalues > cutoff, 1.0 / jnp.where(eigenvalues > cutoff, eigenvalues, 1.0), 0.0)
+    inverse = inverse.reshape(inverse.shape + (1,) * (d.ndim - 1))  # d may carry columns (k, ...)
     return vectors @ (inverse * (vectors.T @ d))
