@@ -50,6 +50,7 @@ def test_help_explains_every_flag():
         (["--estimator", "magic"], "estimator: unknown estimator 'magic'"),
         (["--lr", "0"], "lr: must be a number > 0"),
         (["--batch-size", "5000"], "batch_size"),
+        (["--estimator", "frog-activity", "--tangent-dist", "rank1"], "tangent_dist: activity perturbation draws"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_status_2(tmp_path, args, message):
