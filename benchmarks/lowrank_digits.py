@@ -36,7 +36,7 @@ RUNS = {
             "lowrank_delay": 100,
             "lowrank_frequency": 20,
             "lowrank_cutoff": 0.55,
-            "lowrank_bucket_ratio": 2.0,
+            "lowrank_bucket_ratio": 1.25,
         },
     ),
     "resnet": (
