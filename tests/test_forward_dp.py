@@ -6,10 +6,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -17,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _two_processes import run_two_processes
 
 from jaxalgo import parallel as par
 from jaxalgo.config import TrainConfig
@@ -33,7 +30,6 @@ from jaxalgo.grads import (
 from jaxalgo.parallel._train import make_runner
 from jaxalgo.train import TrainState, make_train_step, setup, train_and_evaluate
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGGREGATIONS = ("sum", "mean", "orthogonal_projection")
 
 
@@ -320,63 +316,17 @@ PROGRAM = textwrap.dedent(
     """
 )
 
-WORKER = textwrap.dedent(
-    """
-    import sys
-    import jax
-    from jaxalgo import parallel as par
-    process_id, port, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    par.initialize_distributed(f"127.0.0.1:{port}", 2, process_id, local_device_count=4, timeout_seconds=60)
-    assert jax.process_count() == 2 and len(jax.devices()) == 8 and len(jax.local_devices()) == 4
-    exec(open(sys.argv[4]).read())
-    np.savez(path, **run(par.make_mesh((2, 4))))
-    jax.distributed.shutdown()
-    """
-)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.multiprocess
 def test_two_processes_agree_with_one_process_on_8_devices(tmp_path):
-    (tmp_path / "program.py").write_text(PROGRAM)
-    (tmp_path / "worker.py").write_text(WORKER)
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
-    command = lambda i: [sys.executable, str(tmp_path / "worker.py"), str(i), str(port), str(tmp_path / f"out{i}.npz")]
-    processes = [
-        subprocess.Popen(
-            [*command(i), str(tmp_path / "program.py")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        for i in range(2)
-    ]
-    errors = []
-    try:
-        for p in processes:
-            _, stderr = p.communicate(timeout=150)
-            if p.returncode != 0:
-                errors.append(stderr.decode()[-3000:])
-    finally:
-        for p in processes:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    if errors and all("gloo" in e.lower() and "not" in e.lower() and "available" in e.lower() for e in errors):
-        pytest.skip("gloo CPU collectives are unavailable in this jaxlib: " + errors[0][-300:])
-    assert not errors, "\n---\n".join(errors)
+    outputs = run_two_processes(tmp_path, PROGRAM)
 
     namespace: dict = {}
     with jax.enable_x64(False):  # the workers run in float32
         exec(PROGRAM, namespace)
         expected = namespace["run"](par.make_mesh((2, 4)))
     assert int(expected["cross_node_bytes"]) == (16 + 1) * 4
-    for i in range(2):
-        got = dict(np.load(tmp_path / f"out{i}.npz"))
+    for i, got in enumerate(outputs):
         assert sorted(got) == sorted(expected)
         assert int(got["cross_node_bytes"]) == (16 + 1) * 4  # k + 1 float32 numbers cross the processes
         for name, value in expected.items():

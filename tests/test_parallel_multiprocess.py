@@ -3,16 +3,11 @@ agree with the same steps run in this single process on 8 simulated devices."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _two_processes import run_two_processes
 
 # The computation both sides run: a tiny MLP, 3 DDP steps (Adam), 4 DASO steps (blocking, send, merge, merge).
 PROGRAM = textwrap.dedent(
@@ -63,27 +58,6 @@ PROGRAM = textwrap.dedent(
     """
 )
 
-WORKER = textwrap.dedent(
-    """
-    import sys
-    import jax
-    from jaxalgo import parallel as par
-    process_id, port, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    info = par.initialize_distributed(f"127.0.0.1:{port}", 2, process_id, local_device_count=4, timeout_seconds=60)
-    assert jax.process_count() == 2 and len(jax.devices()) == 8 and len(jax.local_devices()) == 4, info
-    exec(open(sys.argv[4]).read())
-    out = run(par.make_mesh((2, 4)))
-    np.savez(path, **out)
-    jax.distributed.shutdown()
-    """
-)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.multiprocess
 def test_two_processes_agree_with_single_process_8_devices(tmp_path):
@@ -91,43 +65,13 @@ def test_two_processes_agree_with_single_process_8_devices(tmp_path):
 
     from jaxalgo import parallel as par
 
-    program = tmp_path / "program.py"
-    program.write_text(PROGRAM)
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
-    processes = [
-        subprocess.Popen(
-            [sys.executable, str(worker), str(i), str(port), str(tmp_path / f"out{i}.npz"), str(program)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for i in range(2)
-    ]
-    errors = []
-    try:
-        for p in processes:
-            _, stderr = p.communicate(timeout=150)
-            if p.returncode != 0:
-                errors.append(stderr.decode()[-3000:])
-    finally:
-        for p in processes:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    if errors and all("gloo" in e.lower() and "not" in e.lower() and "available" in e.lower() for e in errors):
-        pytest.skip("gloo CPU collectives are unavailable in this jaxlib: " + errors[0][-300:])
-    assert not errors, "\n---\n".join(errors)
+    outputs = run_two_processes(tmp_path, PROGRAM)
 
     namespace: dict = {}
     exec(PROGRAM, namespace)
     expected = namespace["run"](par.make_mesh((2, 4)))
     assert len(jax.devices()) == 8
-    for i in range(2):
-        got = dict(np.load(tmp_path / f"out{i}.npz"))
+    for i, got in enumerate(outputs):
         assert sorted(got) == sorted(expected)
         for name, value in expected.items():
             np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6, err_msg=f"process {i}: {name}")

@@ -1,0 +1,73 @@
+"""Runs a test program in two ``jax.distributed`` processes (gloo on 127.0.0.1, 4 simulated devices each).
+
+The program defines ``run(mesh) -> dict of arrays``; each process calls it on a ``(2, 4)`` mesh over all 8 devices
+and saves the result. The caller compares both results with ``run`` in the test process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+WORKER = textwrap.dedent(
+    """
+    import sys
+    import jax
+    from jaxalgo import parallel as par
+    process_id, port, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    info = par.initialize_distributed(f"127.0.0.1:{port}", 2, process_id, local_device_count=4, timeout_seconds=60)
+    assert jax.process_count() == 2 and len(jax.devices()) == 8 and len(jax.local_devices()) == 4, info
+    exec(open(sys.argv[4]).read())
+    np.savez(path, **run(par.make_mesh((2, 4))))
+    jax.distributed.shutdown()
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_processes(tmp_path: Path, program: str) -> list[dict[str, np.ndarray]]:
+    """Each process's ``run`` result; skips the test if this jaxlib has no gloo CPU collectives."""
+    (tmp_path / "program.py").write_text(program)
+    (tmp_path / "worker.py").write_text(WORKER)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    outputs = [tmp_path / f"out{i}.npz" for i in range(2)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(tmp_path / "worker.py"), str(i), str(port), str(out), str(tmp_path / "program.py")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i, out in enumerate(outputs)
+    ]
+    errors = []
+    try:
+        for p in processes:
+            _, stderr = p.communicate(timeout=150)
+            if p.returncode != 0:
+                errors.append(stderr.decode()[-3000:])
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if errors and all("gloo" in e.lower() and "not" in e.lower() and "available" in e.lower() for e in errors):
+        pytest.skip("gloo CPU collectives are unavailable in this jaxlib: " + errors[0][-300:])
+    assert not errors, "\n---\n".join(errors)
+    return [dict(np.load(out)) for out in outputs]
