@@ -86,8 +86,7 @@ class LocalReadoutState(NamedTuple):
 
 
 def _check_options(num_tangents: Any, aggregation: Any, tangents: Any, mode: Any) -> None:
-    if isinstance(num_tangents, bool) or not isinstance(num_tangents, int) or num_tangents < 1:
-        raise ValueError(f"num_tangents: must be an integer >= 1, got {num_tangents!r}")
+    _combine.check_num_tangents(num_tangents)
     _combine.check_aggregation(aggregation)
     if tangents not in TANGENTS:
         raise ValueError(f"tangents: unknown tangent distribution {tangents!r}; allowed: {', '.join(TANGENTS)}")

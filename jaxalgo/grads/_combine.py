@@ -34,6 +34,12 @@ def check_aggregation(aggregation: str) -> None:
         raise ValueError(f"aggregation: unknown aggregation {aggregation!r}; allowed: {', '.join(AGGREGATIONS)}")
 
 
+def check_num_tangents(num_tangents: object) -> None:
+    """Raises unless ``num_tangents`` is an integer ``k >= 1`` (every forward-gradient estimator's check)."""
+    if isinstance(num_tangents, bool) or not isinstance(num_tangents, int) or num_tangents < 1:
+        raise ValueError(f"num_tangents: must be an integer >= 1, got {num_tangents!r}")
+
+
 def chi_mean(m: int) -> float:
     """``E|z|`` for ``z ~ N(0, I_m)``: ``sqrt(2) Gamma((m + 1) / 2) / Gamma(m / 2)``, via log-Gamma."""
     return math.sqrt(2.0) * math.exp(math.lgamma((m + 1) / 2) - math.lgamma(m / 2))

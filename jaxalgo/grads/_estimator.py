@@ -97,6 +97,12 @@ def check_float_params(params: Params) -> None:
             )
 
 
+def stateless_init(params: Params) -> EmptyState:
+    """``init`` of an estimator that carries no state: checks the parameters' dtypes, returns :class:`EmptyState`."""
+    check_float_params(params)
+    return EmptyState()
+
+
 def backprop(loss_fn: Callable[..., Any], *, has_aux: bool = False) -> Estimator:
     """The exact gradient by reverse-mode autodiff, behind the common estimator interface.
 
@@ -117,10 +123,6 @@ def backprop(loss_fn: Callable[..., Any], *, has_aux: bool = False) -> Estimator
     if not callable(loss_fn):
         raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
 
-    def init(params: Params) -> EmptyState:
-        check_float_params(params)
-        return EmptyState()
-
     def value_and_grad(params, state, batch, *, key=None):
         del key
         check_float_params(params)
@@ -133,4 +135,4 @@ def backprop(loss_fn: Callable[..., Any], *, has_aux: bool = False) -> Estimator
         value, grads = jax.value_and_grad(checked, has_aux=has_aux)(params, batch)
         return value, grads, state
 
-    return Estimator(init, value_and_grad)
+    return Estimator(stateless_init, value_and_grad)

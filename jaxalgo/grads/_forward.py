@@ -54,6 +54,7 @@ from jaxalgo.grads._estimator import (
     Params,
     check_float_params,
     check_scalar_loss,
+    stateless_init,
 )
 from jaxalgo.grads._rank1 import rank1_directional, rank1_forward_gradient
 from jaxalgo.grads._tangents import FlatLayout
@@ -68,8 +69,7 @@ def _check_options(
 ) -> None:
     if not callable(loss_fn):
         raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
-    if isinstance(num_tangents, bool) or not isinstance(num_tangents, int) or num_tangents < 1:
-        raise ValueError(f"num_tangents: must be an integer >= 1, got {num_tangents!r}")
+    _combine.check_num_tangents(num_tangents)
     _combine.check_aggregation(aggregation)
     if tangents not in TANGENTS:
         raise ValueError(f"tangents: unknown tangent distribution {tangents!r}; allowed: {', '.join(TANGENTS)}")
@@ -385,8 +385,4 @@ def forward_gradient(
         has_aux, mode,
     )  # fmt: skip
 
-    def init(params: Params) -> EmptyState:
-        check_float_params(params)
-        return EmptyState()
-
-    return Estimator(init, value_and_grad, parts)
+    return Estimator(stateless_init, value_and_grad, parts)

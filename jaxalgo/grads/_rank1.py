@@ -37,6 +37,7 @@ from jaxalgo.grads._estimator import (
     Params,
     check_float_params,
     check_scalar_loss,
+    stateless_init,
 )
 from jaxalgo.grads._rank1_jvp import jvp_stacked
 from jaxalgo.grads._rank1_tangents import FactoredTangent, combine, gram_matrix, sample_tangents, tangent_keys
@@ -49,8 +50,7 @@ Rank1ForwardGradient = DirectionalSplit
 
 
 def _check_options(num_tangents: Any, aggregation: Any, batching: Any) -> None:
-    if isinstance(num_tangents, bool) or not isinstance(num_tangents, int) or num_tangents < 1:
-        raise ValueError(f"num_tangents: must be an integer >= 1, got {num_tangents!r}")
+    _combine.check_num_tangents(num_tangents)
     _combine.check_aggregation(aggregation)
     if batching not in BATCHINGS:
         raise ValueError(f"batching: unknown batching {batching!r}; allowed: {', '.join(BATCHINGS)}")
@@ -192,16 +192,12 @@ def rank1_forward_gradient(
         batching=batching,
     )
 
-    def init(params: Params) -> EmptyState:
-        check_float_params(params)
-        return EmptyState()
-
     def value_and_grad(params: Params, state: EmptyState, batch: Batch, *, key: jax.Array):
         loss, d = parts.directional_derivatives(params, batch, key=key)
         grads = parts.estimate_from_directional(params, d, key=key)
         return loss, grads, state
 
-    return Estimator(init, value_and_grad, parts)
+    return Estimator(stateless_init, value_and_grad, parts)
 
 
 def rank1_fallbacks(loss_fn: Callable[..., Any], params: Params, batch: Batch) -> list[str]:
