@@ -10,7 +10,6 @@ JSON object with the figures.
 
 from __future__ import annotations
 
-import itertools
 import json
 import statistics
 import time
@@ -18,30 +17,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from forward_gradients import BATCH, SIZES, init_params, loss_fn  # the same MLP and loss, same directory
 
 from jaxalgo.grads import backprop, rank1_forward_gradient
 
-SIZES = (784, 1024, 1024, 1024, 10)
-BATCH = 256
 K = 16
 REPEATS = 7
-
-
-def init_params(key):
-    params = []
-    for i, (m, n) in enumerate(itertools.pairwise(SIZES)):
-        w = jax.random.normal(jax.random.fold_in(key, i), (m, n)) / np.sqrt(m)
-        params.append({"kernel": w, "bias": jnp.zeros(n)})
-    return tuple(params)
-
-
-def loss_fn(params, batch):
-    h = batch["x"]
-    for i, layer in enumerate(params):
-        h = h @ layer["kernel"] + layer["bias"]
-        if i < len(params) - 1:
-            h = jax.nn.relu(h)
-    return -jnp.mean(jnp.sum(jax.nn.log_softmax(h) * jax.nn.one_hot(batch["y"], SIZES[-1]), axis=-1))
 
 
 def dense_gaussian_frog(loss_fn, num_tangents):
@@ -66,7 +47,7 @@ def dense_gaussian_frog(loss_fn, num_tangents):
 
 def main():
     key = jax.random.key(0)
-    params = init_params(key)
+    params = init_params(key, SIZES)
     batch = {
         "x": jax.random.normal(jax.random.fold_in(key, 100), (BATCH, SIZES[0])),
         "y": jax.random.randint(jax.random.fold_in(key, 101), (BATCH,), 0, SIZES[-1]),
