@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _mlp_problem import loss_fn
 from _two_processes import run_two_processes
 
 from jaxalgo import parallel as par
@@ -50,17 +51,6 @@ def make_problem(sizes=(5, 7, 3), batch=32, seed=0, dtype=jnp.float64):
         "y": jnp.asarray(rng.standard_normal((batch, sizes[-1])), dtype),
     }
     return params, data
-
-
-def loss_fn(params, batch):
-    """A mean over the batch, as the data-parallel identity requires."""
-    h = batch["x"]
-    layers = len(params) // 2
-    for i in range(layers):
-        h = h @ params[f"w{i}"] + params[f"b{i}"]
-        if i < layers - 1:
-            h = jnp.tanh(h)
-    return 0.5 * jnp.mean(jnp.sum((h - batch["y"]) ** 2, axis=-1))
 
 
 def loss_with_aux(params, batch):

@@ -7,43 +7,17 @@ and equivalent formulations (batching strategies, simulated mode, the split form
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _mlp_problem import loss_fn, make_problem, normal
 
 from jaxalgo.grads import _combine, forward_gradient, forward_gradient_directional, rank1_forward_gradient
 from jaxalgo.grads._combine import scaling_correction
 from jaxalgo.grads._tangents import FlatLayout, independent_tangent_keys, tangent_flat, tangent_keys
-
-
-def normal(seed, shape, scale=1.0, dtype=np.float64):
-    return jnp.asarray((scale * np.random.default_rng(seed).standard_normal(shape)).astype(dtype))
-
-
-def make_problem(sizes=(3, 4, 2), batch=8, seed=0, dtype=np.float64):
-    params = {}
-    for i, (m, n) in enumerate(itertools.pairwise(sizes)):
-        params[f"w{i}"] = normal(seed + 2 * i, (m, n), 1 / math.sqrt(m), dtype)
-        params[f"b{i}"] = normal(seed + 2 * i + 1, (n,), 0.1, dtype)
-    data = {
-        "x": normal(seed + 50, (batch, sizes[0]), dtype=dtype),
-        "y": normal(seed + 51, (batch, sizes[-1]), dtype=dtype),
-    }
-    return params, data
-
-
-def loss_fn(params, batch):
-    h = batch["x"]
-    layers = len(params) // 2
-    for i in range(layers):
-        h = h @ params[f"w{i}"] + params[f"b{i}"]
-        if i < layers - 1:
-            h = jnp.tanh(h)
-    return 0.5 * jnp.mean(jnp.sum((h - batch["y"]) ** 2, axis=-1))
 
 
 def flat(tree):

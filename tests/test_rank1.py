@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _mlp_problem import loss_fn
+from _mlp_problem import make_problem as mlp_problem
 from jax.sharding import PartitionSpec as P
 
 from jaxalgo.grads import rank1_directional, rank1_fallbacks, rank1_forward_gradient
@@ -21,27 +22,8 @@ def float64():
         yield
 
 
-def normal(seed, shape, scale=1.0):
-    return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape))
-
-
 def make_problem(sizes=(5, 6, 3), batch=8, seed=0):
-    params = {}
-    for i, (m, n) in enumerate(itertools.pairwise(sizes)):
-        params[f"w{i}"] = normal(seed + 2 * i, (m, n), 1 / math.sqrt(m))
-        params[f"b{i}"] = normal(seed + 2 * i + 1, (n,), 0.1)
-    data = {"x": normal(seed + 50, (batch, sizes[0])), "y": normal(seed + 51, (batch, sizes[-1]))}
-    return params, data
-
-
-def loss_fn(params, batch):
-    h = batch["x"]
-    layers = len(params) // 2
-    for i in range(layers):
-        h = h @ params[f"w{i}"] + params[f"b{i}"]
-        if i < layers - 1:
-            h = jnp.tanh(h)
-    return 0.5 * jnp.mean(jnp.sum((h - batch["y"]) ** 2, axis=-1))
+    return mlp_problem(sizes, batch, seed)
 
 
 def flat(tree):
