@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="MLP hidden widths, comma-separated (e.g. 256,256)",
     )
     add("--activation", default=DEFAULTS.activation, help="MLP activation (relu, tanh, gelu, sigmoid, silu)")
+    add("--vit-dim", type=int, default=DEFAULTS.vit_dim, help="ViT token width (4 heads, MLP width 2x)")
+    add("--vit-depth", type=int, default=DEFAULTS.vit_depth, help="ViT Transformer blocks")
     add("--loss", default=DEFAULTS.loss, help=f"output loss: auto, {', '.join(losses.LOSSES)}")
     add("--test-fraction", type=float, default=DEFAULTS.test_fraction, help="held-out fraction (bundled sets)")
     add(

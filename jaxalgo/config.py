@@ -33,6 +33,8 @@ class TrainConfig:
       seed: seeds the model init, the data order and every step's key.
       hidden: MLP hidden widths.
       activation: MLP activation.
+      vit_dim: ViT token width (4 attention heads, MLP width ``2 * vit_dim``); a positive multiple of 4.
+      vit_depth: ViT Transformer blocks (>= 1).
       loss: output loss, one of ``jaxalgo.losses.LOSSES``, or "auto" (cross-entropy / MSE by task).
       test_fraction: held-out fraction for the bundled data sets.
       checkpoint_every: save a checkpoint every this many steps (0: at the end of each epoch only).
@@ -90,6 +92,8 @@ class TrainConfig:
     seed: int = 0
     hidden: tuple[int, ...] = (256, 256)
     activation: str = "relu"
+    vit_dim: int = 64
+    vit_depth: int = 2
     loss: str = "auto"
     test_fraction: float = 0.2
     checkpoint_every: int = 0
@@ -165,6 +169,15 @@ def validate_config(config: TrainConfig) -> None:
         raise ValueError(f"epochs: must be an integer >= 1, got {config.epochs!r}")
     if not (isinstance(config.batch_size, int) and config.batch_size >= 1):
         raise ValueError(f"batch_size: must be an integer >= 1, got {config.batch_size!r}")
+    if (
+        isinstance(config.vit_dim, bool)
+        or not isinstance(config.vit_dim, int)
+        or config.vit_dim < 4
+        or config.vit_dim % 4
+    ):
+        raise ValueError(f"vit_dim: must be a positive multiple of 4 (4 attention heads), got {config.vit_dim!r}")
+    if isinstance(config.vit_depth, bool) or not isinstance(config.vit_depth, int) or config.vit_depth < 1:
+        raise ValueError(f"vit_depth: must be an integer >= 1, got {config.vit_depth!r}")
     if config.loss != "auto" and config.loss not in losses.LOSSES:
         raise ValueError(f"loss: unknown loss {config.loss!r}; allowed: auto, {', '.join(losses.LOSSES)}")
     if config.checkpoint_every < 0:

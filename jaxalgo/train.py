@@ -125,7 +125,10 @@ def setup(config: TrainConfig) -> Experiment:
     )
     data.validate_batch_size(config.batch_size, dataset.num_train)
     init_key, _, run_key = _seeds(config.seed)
-    options = {"hidden": config.hidden, "activation": config.activation} if config.model == "mlp" else {}
+    options = {
+        "mlp": {"hidden": config.hidden, "activation": config.activation},
+        "vit": {"dim": config.vit_dim, "depth": config.vit_depth, "heads": 4, "mlp_dim": 2 * config.vit_dim},
+    }.get(config.model, {})
     chain_module = models.build_model(
         config.model,
         input_shape=dataset.input_shape,

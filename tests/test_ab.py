@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _two_processes import run_two_processes
 
 from jaxalgo import losses, models
 from jaxalgo import parallel as par
@@ -314,6 +315,37 @@ def test_resume_in_the_group_phase_at_cut_ranks_equals_the_uninterrupted_run(tmp
     assert resumed["test_accuracy"] == full["test_accuracy"]
 
 
+def test_metrics_carry_the_bytes_sent_per_step(tmp_path):
+    """Epoch 1 is warm-up (DDP's bytes); epoch 2 is one data-parallel step, a re-SVD (no device traffic) and ten
+    group steps at the cut rank. Oracle: parameter counts of the 64-128-10 MLP (its 64 x 128 kernel is factorised;
+    the 128 x 10 one is too skinny and is shared like the biases)."""
+    config = TrainConfig(
+        hidden=(128,),
+        epochs=2,
+        batch_size=128,
+        quiet=True,
+        parallel="ab",
+        mesh="2x4",
+        ab_warmup_steps=11,
+        ab_steps_between_syncs=11,
+        ab_ddp_steps_after_sync=1,
+        ab_cutoff=0.3,
+        ab_bucket_ratio=1.0,
+    )
+    out = train_and_evaluate(config, tmp_path)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rank = int(host(out["state"].ranks["0/linear"]))  # set by the one re-SVD of epoch 2
+    assert rank < 64
+    shared = 128 * 10 + 128 + 10
+    ddp = 4 * (64 * 128 + shared)
+    group = 4 * (max(64 * rank, rank * 128) + shared) + 4  # the packed buffer (B is larger) and the group's loss
+    assert lines[0]["ab_counts"] == {"ddp": 11}
+    assert lines[0]["comm_bytes_per_step"] == ddp + 4 and lines[0]["comm_cross_node_bytes_per_step"] == ddp
+    assert lines[1]["ab_counts"] == {"ddp": 1, "factorize": 1, "group": 10}
+    assert lines[1]["comm_bytes_per_step"] == pytest.approx((ddp + 4 + 10 * group) / 11, rel=1e-12)
+    assert lines[1]["comm_cross_node_bytes_per_step"] == pytest.approx(ddp / 11, rel=1e-12)
+
+
 def test_cli_flags_reach_the_config():
     from jaxalgo.cli import build_parser, config_from_args
 
@@ -325,3 +357,55 @@ def test_cli_flags_reach_the_config():
     assert (config.parallel, config.mesh, config.ab_sync_mode) == ("ab", "2x4", "only-learned")
     assert (config.ab_warmup_steps, config.ab_steps_between_syncs, config.ab_ddp_steps_after_sync) == (7, 9, 2)
     assert (config.ab_cutoff, config.ab_lr_rebound_steps, config.ab_bucket_ratio) == (0.25, 3, 1.5)
+
+
+# Both sides of the multi-process test run this: warm-up, re-SVD with the agreed cut, group steps, syncs.
+PROGRAM = """
+import jax, jax.numpy as jnp, numpy as np, optax
+from jaxalgo import losses, models
+from jaxalgo import parallel as par
+from jaxalgo.grads import backprop
+
+def run(mesh):
+    del mesh  # AB-training needs the ("group", "dp") axes: one group of 4 devices per process
+    mesh = par.ab_mesh(4)
+    fn, params = models.split_chain(models.mlp((12,), 5, hidden=(10,), key=jax.random.key(0)))
+    loss_fn = lambda p, b: losses.softmax_cross_entropy(fn.apply(p, b["x"]), b["y"])
+    config = par.ABConfig(warmup_steps=1, steps_between_syncs=3, ddp_steps_after_sync=1, cutoff=0.3,
+                          lr_rebound_steps=2, bucket_ratio=1.0)
+    ab = par.ab_training(backprop(loss_fn), optax.adam(1e-2), mesh, fn, params, config, lr=1e-2)
+    run_key = par.replicate(jax.random.key(1), mesh)
+    state = ab.init(params)
+    rng = np.random.RandomState(0)
+    for step in range(9):
+        batch = {"x": rng.randn(32, 12).astype(np.float32), "y": rng.randint(0, 5, 32).astype(np.int32)}
+        events, phase = par.ab_schedule(step, config)
+        for event in events:
+            state = ab.sync(state) if event == "sync" else ab.factorize(state)
+        state, _ = ab.steps[phase](state, par.shard(batch, mesh), run_key, par.lr_factor(step, config, 1e-2))
+    comm = par.ab_comm(ab, state, par.shard(batch, mesh), run_key)
+    out = {f"rank_{k}": np.asarray(v.addressable_data(0)) for k, v in state.ranks.items()}
+    out["group_cross_node_bytes"] = np.array(comm["cross_node_bytes"]["group"])
+    out["sync_cross_node_bytes"] = np.array(comm["cross_node_bytes"]["sync"])
+    merged = ab.consensus(state, True)
+    for i, leaf in enumerate(jax.tree.leaves(merged)):
+        out[f"merged_{i}"] = np.asarray(leaf)
+    return out
+"""
+
+
+@pytest.mark.multiprocess
+def test_two_processes_one_group_each_agree_with_one_process_on_8_devices(tmp_path):
+    """jax.distributed over gloo, a group per process: the cut agreed over processes, the group phase sends nothing
+    across processes, and the merged model equals the single-process run's."""
+    outputs = run_two_processes(tmp_path, PROGRAM)
+    namespace: dict = {}
+    with jax.enable_x64(False):  # the workers run in float32
+        exec(PROGRAM, namespace)
+        expected = namespace["run"](None)
+    assert int(expected["group_cross_node_bytes"]) == 0 and int(expected["sync_cross_node_bytes"]) > 0
+    assert any(int(v) < 10 for k, v in expected.items() if k.startswith("rank_"))  # the cut took effect
+    for i, got in enumerate(outputs):
+        assert sorted(got) == sorted(expected)
+        for name, value in expected.items():
+            np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6, err_msg=f"process {i}: {name}")

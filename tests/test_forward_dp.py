@@ -341,7 +341,7 @@ def test_digits_frog_ddp_2x4_reaches_the_single_device_accuracy(tmp_path):
         runner = make_runner(experiment)
         batch = next(iterate_batches(experiment.dataset, 64, seed=0, epoch=0))
         state = runner.init(experiment.init_state())
-        report = par.comm_report(runner._step, state, par.shard(batch, runner.mesh), runner._run_key)
+        report = par.comm_report(runner.train_step, state, par.shard(batch, runner.mesh), runner.run_key)
         assert report.cross_node_bytes == report.total() == (16 + 1) * 4
 
 

@@ -47,6 +47,16 @@ def test_daso_on_digits_within_one_point_of_ddp(runs):
     assert lines[-1]["final"] and lines[-1]["steps"] == 10 * 22
 
 
+def test_metrics_carry_the_bytes_sent_per_step(runs):
+    """DDP all-reduces every parameter and the loss (4 bytes each) across the nodes; DASO's epochs between warm-up
+    and cool-down send less across the nodes than its blocking epochs."""
+    n_params = 64 * 128 + 128 + 128 * 10 + 10
+    for line in read_metrics(runs["root"] / "ddp")[:-1]:
+        assert line["comm_bytes_per_step"] == line["comm_cross_node_bytes_per_step"] == 4 * n_params + 4, line
+    daso = read_metrics(runs["root"] / "daso")
+    assert daso[2]["comm_cross_node_bytes_per_step"] < daso[0]["comm_cross_node_bytes_per_step"], daso[:3]
+
+
 def test_daso_resume_with_an_average_in_flight_equals_uninterrupted_run(runs):
     """Checkpoint 48 lies between a send (step index 47, batch 3 of epoch 3) and its merge (step index 48): the
     in-flight average, the schedule and the epoch's loss sum must come back from the checkpoint."""

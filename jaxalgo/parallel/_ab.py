@@ -700,11 +700,17 @@ def ab_comm(ab: AB, state: ABTrainState, batch: Any, run_key: jax.Array) -> dict
     """Bytes per device of each AB program at the state's ranks (from the compiled HLO, see ``comm_report``),
     and the average over one steady cycle of ``steps_between_syncs`` steps.
 
+    Two levels are reported. **All bytes** (``"bytes"``, ``"cycle_bytes"``): everything a device sends, inside its
+    group or across groups. **Cross-group bytes** (``"cross_node_bytes"``, ``"cycle_cross_node_bytes"``): the
+    collectives whose replica groups span the ``"group"`` axis; with one group per node (the reference's setup:
+    groups of 4 GPUs) this is the network traffic, and the group phase sends none of it.
+
     Returns:
-      ``{"ddp", "group", "sync"}``: :class:`~jaxalgo.parallel.CommReport` s; ``"bytes"``: their totals and
-      ``"factorize": 0`` (no device collective, see :func:`ab_training`); and ``"cycle_bytes"``:
-      ``(D * ddp + (S - D) * group + sync + factorize) / S`` with ``S = steps_between_syncs``,
-      ``D = ddp_steps_after_sync`` (bytes as requested by the program, i.e. before XLA:CPU widens bf16).
+      ``{"ddp", "group", "sync"}``: :class:`~jaxalgo.parallel.CommReport` s; ``"bytes"`` and
+      ``"cross_node_bytes"``: their totals and ``"factorize": 0`` (no device collective, see
+      :func:`ab_training`); ``"cycle_bytes"`` and ``"cycle_cross_node_bytes"``: ``(D * ddp + (S - D) * group +
+      sync + factorize) / S`` with ``S = steps_between_syncs``, ``D = ddp_steps_after_sync`` (bytes as requested by
+      the program, i.e. before XLA:CPU widens bf16).
     """
     from jaxalgo.parallel._comm import comm_report
 
@@ -714,8 +720,16 @@ def ab_comm(ab: AB, state: ABTrainState, batch: Any, run_key: jax.Array) -> dict
         phase: comm_report(ab.steps[phase], state, batch, run_key, factor, mesh=ab.mesh) for phase in ("ddp", "group")
     }
     reports["sync"] = comm_report(ab.sync_program, state.train, state.opt_state, mesh=ab.mesh)
-    total = {name: report.total(requested=True) for name, report in reports.items()}
-    total["factorize"] = 0  # the SVD runs on each process's own copy of W; only the ranks (integers) are gathered
     period, ddp = ab.config.steps_between_syncs, ab.config.ddp_steps_after_sync
-    cycle = (ddp * total["ddp"] + (period - ddp) * total["group"] + total["sync"] + total["factorize"]) / period
-    return {**reports, "bytes": total, "cycle_bytes": cycle}
+    out: dict[str, Any] = dict(reports)
+    for level, count in (
+        ("bytes", lambda r: r.total(requested=True)),
+        ("cross_node_bytes", lambda r: r.requested_cross_node_bytes),
+    ):
+        total = {name: count(report) for name, report in reports.items()}
+        total["factorize"] = 0  # the SVD runs on each process's own copy of W; only the ranks (integers) are gathered
+        out[level] = total
+        out[f"cycle_{level}"] = (
+            ddp * total["ddp"] + (period - ddp) * total["group"] + total["sync"] + total["factorize"]
+        ) / period
+    return out

@@ -8,7 +8,8 @@ same for all three:
 - ``step(state, batch, step_index) -> (state, loss)``: one training step (DASO picks its phase from the index);
 - ``end_epoch(state, epoch, train_loss) -> state``: DASO's plateau-driven schedule update;
 - ``eval_params(state)``: the parameters to evaluate, on the host (DASO: the average over nodes);
-- ``epoch_metrics()``: extra fields for the epoch's metrics line (DASO: the schedule and the phases run).
+- ``epoch_metrics()``: extra fields for the epoch's metrics line (DASO: the schedule and the phases run; every
+  data-parallel runner: the bytes each device sent per step, see :mod:`jaxalgo.parallel._traffic`).
 
 In a multi-process run every process iterates the same global batches and keeps the pieces for its own devices;
 only process 0 writes metrics.
@@ -26,11 +27,22 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from jaxalgo.config import TrainConfig
-from jaxalgo.parallel._ab import AB_AXES, ABConfig, ABTrainState, ab_schedule, ab_training, check_ab_mesh, lr_factor
+from jaxalgo.parallel._ab import (
+    AB_AXES,
+    ABConfig,
+    ABTrainState,
+    ab_comm,
+    ab_schedule,
+    ab_training,
+    check_ab_mesh,
+    lr_factor,
+)
+from jaxalgo.parallel._comm import comm_report
 from jaxalgo.parallel._daso import DasoConfig, DasoTrainState, daso, update_schedule
 from jaxalgo.parallel._data_parallel import data_parallel
 from jaxalgo.parallel._forward_dp import REDUCTIONS
 from jaxalgo.parallel._mesh import check_divisible, make_mesh, parse_mesh_shape, place, replicate, shard
+from jaxalgo.parallel._traffic import TrafficMeter
 
 PARALLEL_MODES: tuple[str, ...] = ("none", "ddp", "daso", "ab")
 
@@ -112,15 +124,15 @@ class SingleDeviceRunner:
     def __init__(self, experiment: Any):
         from jaxalgo.train import make_train_step
 
-        self._step = make_train_step(experiment.estimator, experiment.optimizer)
-        self._run_key = experiment.run_key
+        self.train_step = make_train_step(experiment.estimator, experiment.optimizer)
+        self.run_key = experiment.run_key
 
     def init(self, fresh: Any) -> Any:
         return fresh
 
     def step(self, state: Any, batch: Any, step_index: int) -> tuple[Any, jax.Array]:
         del step_index
-        return self._step(state, batch, self._run_key)
+        return self.train_step(state, batch, self.run_key)
 
     def end_epoch(self, state: Any, epoch: int, train_loss: float) -> Any:
         return state
@@ -150,19 +162,28 @@ class DataParallelRunner(SingleDeviceRunner):
 
         self.mesh = mesh_for(experiment.config)
         estimator = data_parallel(experiment.estimator, self.mesh, reduce=experiment.config.parallel_reduce)
-        self._step = make_train_step(estimator, experiment.optimizer)
-        self._run_key = replicate(experiment.run_key, self.mesh)
+        self.train_step = make_train_step(estimator, experiment.optimizer)
+        self.run_key = replicate(experiment.run_key, self.mesh)
         self.is_primary = jax.process_index() == 0
+        self._traffic = TrafficMeter()
 
     def init(self, fresh: Any) -> Any:
         return replicate(fresh, self.mesh)
 
     def step(self, state: Any, batch: Any, step_index: int) -> tuple[Any, jax.Array]:
         del step_index
-        return self._step(state, shard(batch, self.mesh), self._run_key)
+        batch = shard(batch, self.mesh)
+        measure = lambda: comm_report(self.train_step, state, batch, self.run_key, mesh=self.mesh)
+        self._traffic.add_report(self._traffic.measured("step", measure))
+        self._traffic.end_step()
+        return self.train_step(state, batch, self.run_key)
 
     def eval_params(self, state: Any) -> Any:
         return _host(state.params)
+
+    def epoch_metrics(self) -> dict[str, Any]:
+        """The bytes each device sent per step."""
+        return self._traffic.metrics()
 
 
 class DasoRunner:
@@ -175,7 +196,7 @@ class DasoRunner:
         self.daso = daso(
             experiment.estimator, experiment.optimizer, self.mesh, self.config, reduce=config.parallel_reduce
         )
-        self._run_key = replicate(experiment.run_key, self.mesh)
+        self.run_key = replicate(experiment.run_key, self.mesh)
         self._steps_per_epoch = experiment.steps_per_epoch
         self._epochs = config.epochs
         self._schedule = None
@@ -183,6 +204,7 @@ class DasoRunner:
         self._phases: collections.Counter[str] = collections.Counter()
         self._mean = jax.jit(jnp.mean)
         self.is_primary = jax.process_index() == 0
+        self._traffic = TrafficMeter()
 
     def init(self, fresh: Any) -> DasoTrainState:
         return self.daso.init(fresh.params)
@@ -202,7 +224,11 @@ class DasoRunner:
         if not self._phases:
             self._epoch_schedule = self._schedule
         self._phases[phase] += 1
-        state, loss_per_node = self.daso.steps[phase](state, shard(batch, self.mesh), self._run_key)
+        batch, step = shard(batch, self.mesh), self.daso.steps[phase]
+        measure = lambda: comm_report(step, state, batch, self.run_key, mesh=self.mesh)
+        self._traffic.add_report(self._traffic.measured(phase, measure))
+        self._traffic.end_step()
+        state, loss_per_node = step(state, batch, self.run_key)
         return state, self._mean(loss_per_node)
 
     def end_epoch(self, state: DasoTrainState, epoch: int, train_loss: float) -> DasoTrainState:
@@ -224,12 +250,13 @@ class DasoRunner:
         return _host(self.daso.consensus(state.params))
 
     def epoch_metrics(self) -> dict[str, Any]:
-        """The schedule this epoch ran with and how many steps ran each phase."""
+        """The schedule this epoch ran with, how many steps ran each phase and the bytes sent per step."""
         schedule = self._epoch_schedule
         record = {
             "daso_global_skip": None if schedule is None else int(schedule.global_skip),
             "daso_batches_to_wait": None if schedule is None else int(schedule.batches_to_wait),
             "daso_phases": dict(sorted(self._phases.items())),
+            **self._traffic.metrics(),
         }
         self._phases.clear()
         return record
@@ -251,12 +278,13 @@ class ABRunner:
             self.config,
             lr=config.lr,
         )
-        self._run_key = replicate(experiment.run_key, self.mesh)
+        self.run_key = replicate(experiment.run_key, self.mesh)
         self._lr = config.lr
         self._counts: collections.Counter[str] = collections.Counter()
         self._state: ABTrainState | None = None
         self._mean = jax.jit(jnp.mean)
         self.is_primary = jax.process_index() == 0
+        self._traffic = TrafficMeter()
 
     def init(self, fresh: Any) -> ABTrainState:
         return self.ab.init(fresh.params)
@@ -272,14 +300,25 @@ class ABRunner:
             return fresh
         return self.ab.resize(fresh, sizes)
 
+    def comm(self, state: ABTrainState, batch: Any) -> dict[str, Any]:
+        """:func:`jaxalgo.parallel.ab_comm` at the state's factor sizes (measured once per set of sizes)."""
+        sizes = tuple(sorted(self.ab.sizes(state).items()))
+        return self._traffic.measured(sizes, lambda: ab_comm(self.ab, state, batch, self.run_key))
+
     def step(self, state: ABTrainState, batch: Any, step_index: int) -> tuple[ABTrainState, jax.Array]:
         events, phase = ab_schedule(step_index, self.config)
+        batch = shard(batch, self.mesh)
         for event in events:
+            comm = self.comm(state, batch)  # the transition's traffic at the shapes it runs with
+            self._traffic.add(comm["bytes"][event], comm["cross_node_bytes"][event])
             state = self.ab.sync(state) if event == "sync" else self.ab.factorize(state)
             self._counts[event] += 1
         self._counts[phase] += 1
+        comm = self.comm(state, batch)
+        self._traffic.add(comm["bytes"][phase], comm["cross_node_bytes"][phase])
+        self._traffic.end_step()
         factor = lr_factor(step_index, self.config, self._lr)
-        state, loss_per_group = self.ab.steps[phase](state, shard(batch, self.mesh), self._run_key, factor)
+        state, loss_per_group = self.ab.steps[phase](state, batch, self.run_key, factor)
         self._state = state
         return state, self._mean(loss_per_group)
 
@@ -293,8 +332,8 @@ class ABRunner:
         return self.ab.consensus(state, live)
 
     def epoch_metrics(self) -> dict[str, Any]:
-        """Steps per phase and transitions this epoch, the ranks and the compression ratio."""
-        record: dict[str, Any] = {"ab_counts": dict(sorted(self._counts.items()))}
+        """Steps per phase and transitions this epoch, the ranks, the compression ratio and the bytes per step."""
+        record: dict[str, Any] = {"ab_counts": dict(sorted(self._counts.items())), **self._traffic.metrics()}
         self._counts.clear()
         if self._state is not None:
             ranks = jax.device_get(self._state.ranks)

@@ -1,0 +1,59 @@
+"""Bytes sent per step during training, for the metrics line of the data-parallel runners.
+
+Each program a runner runs (a step of some phase, a sync) is measured once per set of argument shapes with
+:func:`jaxalgo.parallel.comm_report` (the compiled HLO, bytes per device at the requested dtypes) and then counted
+every time it runs. The metrics line of an epoch reports the mean over the steps run since the previous line
+(after a resume: since the resume):
+
+- ``comm_bytes_per_step``: everything a device sends, at every mesh level;
+- ``comm_cross_node_bytes_per_step``: the part whose replica groups span the mesh's outermost axis (``"node"``
+  for DDP and DASO, ``"group"`` for AB-training), i.e. the network traffic when that axis is the node axis.
+
+Measuring compiles the program a second time (once per shape), so a run pays one extra compilation per program.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from jaxalgo.parallel._comm import CommReport
+
+
+class TrafficMeter:
+    """Accumulates the bytes of the programs a runner runs; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._cache: dict[Hashable, Any] = {}
+        self._bytes = 0.0
+        self._cross_node_bytes = 0.0
+        self._steps = 0
+
+    def measured(self, key: Hashable, measure: Callable[[], Any]) -> Any:
+        """``measure()`` on the first call with ``key``, the cached value afterwards."""
+        if key not in self._cache:
+            self._cache[key] = measure()
+        return self._cache[key]
+
+    def add(self, total: float, cross_node: float) -> None:
+        """Counts one run of a program that sends ``total`` bytes per device, ``cross_node`` of them across nodes."""
+        self._bytes += total
+        self._cross_node_bytes += cross_node
+
+    def add_report(self, report: CommReport) -> None:
+        self.add(report.total(requested=True), report.requested_cross_node_bytes)
+
+    def end_step(self) -> None:
+        self._steps += 1
+
+    def metrics(self) -> dict[str, float]:
+        """The means per step since the last call (empty if no step ran), then starts counting anew."""
+        if not self._steps:
+            return {}
+        out = {
+            "comm_bytes_per_step": self._bytes / self._steps,
+            "comm_cross_node_bytes_per_step": self._cross_node_bytes / self._steps,
+        }
+        self._bytes = self._cross_node_bytes = 0.0
+        self._steps = 0
+        return out
