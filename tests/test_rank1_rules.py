@@ -272,3 +272,28 @@ def test_broadcast_of_a_weight_keeps_the_factors():
         return jnp.sum(jnp.tanh(h + jnp.broadcast_to(w, (2, 3, 4))) ** 2)
 
     check_against_jvp(f, (normal(0, (2, 3, 4)), normal(1, (3, 4)), normal(2, (2, 1, 4))), first="dense")
+
+
+def test_replicated_weight_inside_shard_map_keeps_the_factors():
+    """Inside ``shard_map``, a weight the same on every device meets per-device data through a ``pvary``
+    equation; its tangent stays factored through it, and every device's directional derivatives equal jax.jvp's."""
+    mesh = jax.make_mesh((4,), ("dp",), axis_types=(jax.sharding.AxisType.Explicit,))
+    x = jax.device_put(normal(0, (8, 5)), jax.NamedSharding(mesh, jax.P("dp")))
+    w = jax.device_put(normal(1, (5, 3)), jax.NamedSharding(mesh, jax.P()))
+    fallbacks: list[str] = []
+
+    def f(w, x):
+        return jnp.sum(jnp.tanh(x @ w) ** 2)
+
+    def body(w, x):
+        assert "pvary" in str(jax.make_jaxpr(f)(w, x))  # the equation this test is about
+        (tangent,) = sample_tangents(tangent_keys(jax.random.key(0), K), [w])
+        _, (out_t,) = jvp_stacked(f, (w, x), [tangent, None], fallbacks=fallbacks)
+        ref = jax.vmap(lambda t: jax.jvp(f, (w, x), (t, jnp.zeros_like(x)))[1])(tangent.materialize())
+        return out_t[None], ref[None]
+
+    run = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(jax.P(), jax.P("dp")), out_specs=jax.P("dp")))
+    got, ref = (np.asarray(v) for v in run(w, x))
+    assert fallbacks == []
+    np.testing.assert_allclose(got, ref, rtol=1e-10)
+    assert not np.allclose(got[0], got[1])  # each device's own data

@@ -27,6 +27,8 @@ Rules here:
 - ``broadcast_in_dim`` (a position embedding ``(tokens, dim)`` added to a batch ``(n, tokens, dim)``): the
   factors follow their axes to the output, axes broadcast from length 1 repeat their factor's entries, and the new
   axes get a factor of ones, so the result is still an outer product.
+- ``pvary`` (inside ``shard_map``, a weight the same on every device meeting per-device data): the factors are
+  marked as varying too.
 - ``stop_gradient`` (the frozen bases ``U``, ``V`` of OIALR's factorised layers): no contribution at all, so
   nothing downstream is computed for that tangent.
 - ``add``, ``sub``: the output tangent is dense anyway; the (small) weight tangent is multiplied out.
@@ -170,6 +172,17 @@ def _identity_rule(primals, index, tangent, params):
     return tangent
 
 
+def _pvary_rule(primals, index, tangent, params):
+    """Inside ``shard_map``, an array the same on every device used with per-device data is first marked as
+    varying; its tangent's factors are marked the same way (they are the same on every device too)."""
+
+    def mark(factor):
+        missing = tuple(a for a in params["axes"] if a not in jax.typeof(factor).manual_axis_type.varying)
+        return jax.lax.pcast(factor, missing, to="varying") if missing else factor
+
+    return FactoredTangent(tuple(mark(f) for f in tangent.factors), tangent.groups, tangent.shape)
+
+
 RULES: dict[str, Rule] = {
     "dot_general": _dot_general_rule,
     "conv_general_dilated": _conv_rule,
@@ -183,5 +196,6 @@ RULES: dict[str, Rule] = {
     "stop_gradient": _stop_gradient_rule,
     "copy": _identity_rule,
     "copy_p": _identity_rule,
+    "pvary": _pvary_rule,
 }
 """Rules by primitive name. Register a rule for a new layer type here."""
