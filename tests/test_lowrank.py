@@ -367,3 +367,37 @@ def test_compaction_moves_padded_layers_outside_the_window_exactly(x64):
     assert p3[0]["S"].shape == (5, 5) and p3[0]["U"].shape == (24, 5)
     np.testing.assert_allclose(dense(p3), dense(p2), atol=1e-12)
     chex.assert_trees_all_equal_shapes(s3[0].mu, lowrank.trainable_part(p3))
+
+
+# -- forward gradients on a factorised model ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tangents", ["gaussian", "rank1"])
+def test_frog_with_k_equal_to_the_trainable_count_is_exact_when_u_and_v_get_no_tangents(x64, tangents):
+    from jaxalgo.grads import forward_gradient
+
+    fn, params = mlp_chain((6, 8, 3), dtype=jnp.float64)
+    fn2, p2, _ = lowrank.factorize_chain(fn, params, ranks={"0": (3, 3)})
+    rng = np.random.default_rng(0)
+    batch = {"x": jnp.asarray(rng.standard_normal((16, 6))), "y": jnp.asarray(rng.standard_normal((16, 3)))}
+
+    def loss_fn(p, b):
+        return jnp.mean((fn2.apply(p, b["x"]) - b["y"]) ** 2)
+
+    k = sum(x.size for x in jax.tree.leaves(lowrank.trainable_part(p2)))
+    assert k < sum(x.size for x in jax.tree.leaves(p2))  # U and V are most of the numbers
+
+    def build(f):
+        return forward_gradient(f, num_tangents=k, aggregation="orthogonal_projection", tangents=tangents)
+
+    exact = jax.grad(loss_fn)(p2, batch)  # zero at U and V (stop_gradient)
+    estimator = lowrank.on_trainable_part(build, loss_fn)
+    key = jax.random.key(1)
+    loss, grads, _ = estimator.value_and_grad(p2, estimator.init(p2), batch, key=key)
+    np.testing.assert_allclose(loss, loss_fn(p2, batch), rtol=1e-12)
+    chex.assert_trees_all_close(grads, exact, rtol=1e-7, atol=1e-10)
+    # with tangents on every leaf, the same k spans only part of the trainable directions
+    everywhere = build(loss_fn)
+    _, plain, _ = everywhere.value_and_grad(p2, everywhere.init(p2), batch, key=key)
+    error = [np.max(np.abs(a - b)) for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(exact), strict=True)]
+    assert max(error) > 1e-3

@@ -87,3 +87,31 @@ def test_step_zero_conversion_and_factored_params(tmp_path):
     assert set(params[0]["linear"]) == {"U", "S", "V", "bias"}
     assert set(params[2]["linear"]) == {"U", "S", "V", "bias"}
     assert params[1]["linear"]["S"].shape == (48, 48)  # converted at full rank, exactly
+
+
+def test_after_conversion_forward_gradients_draw_tangents_on_the_trainable_leaves_only():
+    """FROG with k = the number of trainable numbers returns the exact gradient of the converted model; with
+    tangents on the frozen U and V too it would not (tests/test_lowrank.py checks that half in float64)."""
+    import jax
+    import numpy as np
+
+    from jaxalgo import lowrank
+    from jaxalgo.data import iterate_batches
+    from jaxalgo.train import make_loss_fn, setup
+
+    def converted(tangents):
+        config = TrainConfig(hidden=(8,), estimator="frog", tangents=tangents, lowrank="oialr", lowrank_delay=0)
+        experiment = setup(config)
+        trainer = lowrank.OIALRTrainer(experiment, lowrank.oialr_config_from_train_config(config))
+        return experiment, trainer, trainer.after_step(0, experiment.init_state())
+
+    _, _, state = converted(1)
+    k = sum(x.size for x in jax.tree.leaves(lowrank.trainable_part(state.params)))
+    experiment, trainer, state = converted(k)
+    assert trainer.status.converted
+    batch = next(iterate_batches(experiment.dataset, 64, seed=0, epoch=0))
+    estimator = trainer.estimator
+    _, grads, _ = estimator.value_and_grad(state.params, estimator.init(state.params), batch, key=jax.random.key(0))
+    exact = jax.grad(make_loss_fn(trainer.chain, experiment.output_loss))(state.params, batch)
+    scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(exact))
+    chex.assert_trees_all_close(grads, exact, atol=1e-3 * scale)

@@ -6,7 +6,8 @@ Public API:
   ``cutoff_rank``, ``limited_rank``, ``rank_buckets``, ``bucket_size``, ``Factors``.
 - Factorised layers: ``LowRankDense``, ``LowRankConv``, ``factorize_chain``, ``densify_chain``, ``find_layers``,
   ``LayerInfo``, ``factored_is_cheaper``, ``layer_params``, ``with_layer_params``.
-- Optimizer plumbing: ``freeze_factors``, ``keep_count``, ``map_param_moments``, ``trainable_part``.
+- Optimizer plumbing: ``freeze_factors``, ``keep_count``, ``map_param_moments``, ``trainable_part``,
+  ``with_frozen``; ``on_trainable_part`` for forward-gradient estimators.
 - OIALR: ``OIALRConfig``, ``LowRankStatus``, ``convert``, ``stability_check``, ``check_window``,
   ``trainable_counts``, ``storage_sizes``, and ``OIALRTrainer`` (the training-loop hook).
 """
@@ -32,7 +33,14 @@ from jaxalgo.lowrank._oialr import (
     storage_sizes,
     trainable_counts,
 )
-from jaxalgo.lowrank._optim import freeze_factors, keep_count, map_param_moments, trainable_part
+from jaxalgo.lowrank._optim import (
+    freeze_factors,
+    keep_count,
+    map_param_moments,
+    on_trainable_part,
+    trainable_part,
+    with_frozen,
+)
 from jaxalgo.lowrank._svd import (
     Factors,
     ab_factors,
@@ -71,10 +79,12 @@ __all__ = [
     "limited_rank",
     "map_param_moments",
     "oialr_config_from_train_config",
+    "on_trainable_part",
     "rank_buckets",
     "stability_check",
     "storage_sizes",
     "trainable_counts",
     "trainable_part",
+    "with_frozen",
     "with_layer_params",
 ]

@@ -7,7 +7,8 @@ and the training loop of :mod:`jaxalgo.train` calls it at three points:
 - ``trainer.restore_target(record, fresh_state)`` before restoring a checkpoint: the checkpoint record holds the
   OIALR status (converted, checks done, each layer's rank and storage size), from which the factorised state of
   the right (cut) shapes is rebuilt as the restore target;
-- ``trainer.train_step`` / ``trainer.evaluate`` in place of the plain ones;
+- ``trainer.train_step`` / ``trainer.evaluate`` in place of the plain ones (after conversion, a weight-perturbation
+  estimator draws its tangents on the trainable leaves only, :func:`~jaxalgo.lowrank.on_trainable_part`);
 - ``state = trainer.after_step(step, state)`` after every step: converts at ``step == delay``, runs a stability
   check every ``stability_frequency`` steps after that. Everything it does is decided by ``step`` and the status,
   so a resumed run repeats exactly what an uninterrupted run does.
@@ -19,6 +20,7 @@ re-trace it, which whole-model compaction keeps rare (:func:`~jaxalgo.lowrank.st
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +30,7 @@ import jax
 from jaxalgo.grads import Estimator
 from jaxalgo.lowrank._layers import find_layers
 from jaxalgo.lowrank._oialr import LowRankStatus, OIALRConfig, convert, stability_check, trainable_counts
-from jaxalgo.lowrank._optim import freeze_factors
+from jaxalgo.lowrank._optim import freeze_factors, on_trainable_part
 
 LOWRANK_METHODS: tuple[str, ...] = ("none", "oialr")
 _FIELD_NAMES = {
@@ -146,6 +148,9 @@ class OIALRTrainer:
                 config=exp.config, chain=self.chain, output_loss=exp.output_loss, loss_fn=loss_fn, dataset=exp.dataset
             )
             estimator = build_estimator(context)
+            if estimator.split is not None:  # weight perturbation: no tangents on the frozen U and V
+                rebuild = lambda loss: build_estimator(dataclasses.replace(context, loss_fn=loss))
+                estimator = on_trainable_part(rebuild, loss_fn)
         self.estimator = estimator
 
         def counted(params, state, batch, *, key):

@@ -4,6 +4,8 @@
   of every factorised layer are removed from the tree it is given (no moments, no weight decay for them) and
   receive zero updates. On a model without factorised layers it behaves exactly like the optimizer it wraps,
   with the same state structure.
+- :func:`on_trainable_part` builds a weight-perturbation (forward-gradient) estimator whose tangents cover only the
+  trainable leaves.
 - :func:`keep_count` carries the step counts of an old optimizer state into a freshly initialised one
   (``optax.tree_utils.tree_get_all_with_path`` / ``tree_set``): OIALR zeroes the moments at conversion but keeps
   the step count, so bias corrections and schedules continue.
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 import optax
 from optax import tree_utils as otu
 
+from jaxalgo.grads import Estimator
 from jaxalgo.lowrank._layers import FROZEN_NAMES, S_NAME
 
 
@@ -46,6 +49,43 @@ def fill_frozen(partial: Any, like: Any) -> Any:
     if type(like) in (tuple, list):
         return type(like)(fill_frozen(p, v) for p, v in zip(partial, like, strict=True))
     return partial
+
+
+def with_frozen(partial: Any, like: Any) -> Any:
+    """The inverse of :func:`trainable_part` for parameters: ``partial`` with the ``U`` and ``V`` of ``like``."""
+    if isinstance(like, dict):
+        frozen = FROZEN_NAMES if _is_factored(like) else frozenset()
+        return {k: v if k in frozen else with_frozen(partial[k], v) for k, v in like.items()}
+    if type(like) in (tuple, list):
+        return type(like)(with_frozen(p, v) for p, v in zip(partial, like, strict=True))
+    return partial
+
+
+def on_trainable_part(build: Callable[[Callable[..., Any]], Estimator], loss_fn: Callable[..., Any]) -> Estimator:
+    """A weight-perturbation estimator whose tangents cover only the trainable leaves.
+
+    ``build(loss)`` makes the estimator (e.g. ``lambda f: forward_gradient(f, num_tangents=16)``). It is given
+    ``loss(trainable, (batch, params)) = loss_fn(with_frozen(trainable, params), batch)``: the frozen ``U`` and ``V``
+    enter as data. Without this, every tangent would also have components on ``U`` and ``V``; their directional
+    derivatives are zero (``stop_gradient``), but they take ``(m + n) r`` of the tangents' ``(m + n + r) r``
+    coordinates of a factorised layer, and FROG's Gram matrix counts them, so its projection would no longer be
+    the orthogonal projection onto the tangents' span within the trainable parameters (with ``k`` equal to the
+    trainable count it would not return the exact gradient).
+
+    Returns:
+      An :class:`~jaxalgo.grads.Estimator` on the whole parameter tree whose gradients are zero at ``U`` and ``V``
+      (no ``split``: OIALR runs on one device).
+    """
+    inner = build(lambda trainable, data: loss_fn(with_frozen(trainable, data[1]), data[0]))
+
+    def init(params):
+        return inner.init(trainable_part(params))
+
+    def value_and_grad(params, state, batch, *, key):
+        loss, grads, state = inner.value_and_grad(trainable_part(params), state, (batch, params), key=key)
+        return loss, fill_frozen(grads, params), state
+
+    return Estimator(init, value_and_grad)
 
 
 def freeze_factors(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
