@@ -148,13 +148,20 @@ def test_expectation_of_the_estimate(aggregation, tangents, normalize, factor):
 
 @pytest.mark.usefixtures("x64")
 @pytest.mark.parametrize(
-    ("aggregation", "tangents", "normalize"),
-    [("mean", "gaussian", True), ("orthogonal_projection", "rademacher", False)],
+    ("aggregation", "tangents", "normalize", "correct"),
+    [
+        ("mean", "gaussian", True, False),
+        ("mean", "gaussian", False, True),
+        ("sum", "rademacher", True, False),
+        ("orthogonal_projection", "rademacher", False, False),
+    ],
 )
-def test_every_batching_gives_the_same_estimate_and_simulated_mode_agrees(aggregation, tangents, normalize):
+def test_every_batching_gives_the_same_estimate_and_simulated_mode_agrees(aggregation, tangents, normalize, correct):
+    """scan and chunk compute sum and mean in one fused pass, the projection in three: both equal vmap's."""
     params, batch = make_problem(sizes=(8, 24, 3))  # n = 291: Rademacher resampling (tested above) is off
     key = jax.random.key(3)
     options = dict(num_tangents=7, aggregation=aggregation, tangents=tangents, normalize_tangents=normalize)
+    options["scaling_correction"] = correct
     loss, reference = run(params, batch, key, **options)
     for batching, chunk_size in [("scan", None), ("chunk", 3)]:
         _, grads = run(params, batch, key, batching=batching, chunk_size=chunk_size, **options)

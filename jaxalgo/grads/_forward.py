@@ -25,8 +25,12 @@ chunk    ``chunk_size = c`` tangents at a time (drawn one by one), ``c n + c A +
          otherwise as scan
 ======== ========================================================== ==============================
 
-``scan`` and ``chunk`` draw each tangent twice (JVP pass, estimate pass) and three times for the projection (Gram
-pass too); ``vmap`` once. All strategies give the same estimate for the same key (up to rounding).
+With ``scan`` and ``chunk``, ``sum`` and ``mean`` draw each tangent once: the pass that pushes it also adds
+``c_i v_i`` to the estimate (``c_i`` depends on ``d_i`` and ``|v_i|`` only), holding ``n`` more numbers. The
+projection draws each tangent three times (JVP pass, Gram pass, estimate pass), since its coefficients need every
+``d_i`` and the whole Gram matrix; so does the split form (the directional derivatives are reduced across devices
+between its two halves). ``vmap`` draws once. All strategies give the same estimate for the same key (up to
+rounding).
 
 ``mode="simulated"`` replaces the JVPs by ``d = V grad f`` with ``grad f`` from backprop: the estimator the
 reference runs for its networks, kept as a test oracle and for parity with the paper, not as a default.
@@ -161,6 +165,28 @@ def forward_gradient_directional(
         has_aux, mode,
     )  # fmt: skip
     return parts
+
+
+def _fold_tangents(
+    add: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]],
+    total: jax.Array,
+    keys: jax.Array,
+    batching: str,
+    chunk_size: int | None,
+) -> tuple[jax.Array, jax.Array]:
+    """``(total, d)`` after ``total, d_chunk = add(total, chunk_keys)`` over the keys, one at a time (``scan``) or
+    ``chunk_size`` at a time (``chunk``; the last chunk may be shorter); ``d`` stacks the chunks' ``d_chunk``."""
+    k = keys.shape[0]
+    c = 1 if batching == "scan" else min(chunk_size, k)
+    full = (k // c) * c
+    parts = []
+    if full:
+        total, d = jax.lax.scan(add, total, keys[:full].reshape(k // c, c, *keys.shape[1:]))
+        parts.append(d.reshape(full, *d.shape[2:]))
+    if full < k:
+        total, d = add(total, keys[full:])
+        parts.append(d)
+    return total, parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
 def _vary_like(tangent: jax.Array, primal: jax.Array) -> jax.Array:
@@ -301,8 +327,34 @@ def _dense_parts(
             v = jax.lax.map(lambda tk: _tangents.tangent_flat(tk, layout, distribution), keys)
         return estimate(params, d, keys, v)
 
+    def fused_sum_or_mean(params, batch, key):
+        """``sum`` / ``mean`` with ``scan`` or ``chunk``: each tangent drawn once, pushed, and ``c_i v_i`` added."""
+        leaves, treedef = jax.tree.flatten(params)
+        layout = FlatLayout.of(leaves)
+        out, jvp = linear_part(params, batch)
+        loss = out[0] if has_aux else out
+        dtype = jnp.promote_types(loss.dtype, layout.dtype)
+        weight = 1.0 if aggregation == "sum" else 1.0 / k
+        if correct:
+            weight *= _combine.scaling_correction(aggregation, num_tangents=k, num_params=layout.num_params)
+
+        def add(total, tangent_keys):
+            v = jax.lax.map(lambda tk: _tangents.tangent_flat(tk, layout, distribution), tangent_keys)
+            d = jax.vmap(lambda vf: jvp(layout.split(vf), vf))(v).astype(dtype)
+            c = d.astype(jnp.promote_types(d.dtype, jnp.float32)) * weight
+            if normalize:  # u_i = v_i / |v_i|: d_i' u_i = d_i v_i / |v_i|^2
+                c = c / (layout.num_params if distribution == "rademacher" else jnp.sum(v * v, axis=1).astype(c.dtype))
+            return total + c.astype(layout.dtype) @ v, d
+
+        flat, _ = _fold_tangents(add, jnp.zeros(layout.num_params, layout.dtype), _tangents.tangent_keys(key, k),
+                                 batching, chunk_size)  # fmt: skip
+        return out, jax.tree.unflatten(treedef, layout.split(flat))
+
     def value_and_grad(params: Params, state: EmptyState, batch: Batch, *, key: jax.Array):
         check_float_params(params)
+        if not projection and batching != "vmap":
+            out, grads = fused_sum_or_mean(params, batch, key)
+            return out, grads, state
         out, d, keys, v = directional_with_tangents(params, batch, key)
         return out, estimate(params, d, keys, v), state
 
