@@ -85,6 +85,18 @@ def cycle(runner, state, experiment):
     }
 
 
+def group_overheads(ab, state, group_bytes):
+    """Fractions of the group step's bytes spent on padding: the packed buffer sized to the larger of the A and B
+    sides (against the mean of the two), and the zero-padded rank buckets (against the live ranks)."""
+    sizes, ranks = ab.sizes(state), {k: int(v) for k, v in jax.device_get(state.ranks).items()}
+    stored = [sum(x.m * sizes[x.name] for x in ab.layers), sum(sizes[x.name] * x.n for x in ab.layers)]
+    live = [sum(x.m * ranks[x.name] for x in ab.layers), sum(ranks[x.name] * x.n for x in ab.layers)]
+    return {
+        "packing": 4 * (max(stored) - sum(stored) / 2) / group_bytes,
+        "rank_buckets": 4 * (sum(stored) - sum(live)) / 2 / group_bytes,
+    }
+
+
 def digits_run(name, model, cutoff, root):
     ddp_dir, ab_dir = f"{root}/{name}_ddp", f"{root}/{name}_ab"
     ddp = train_and_evaluate(TrainConfig(**COMMON, **model, parallel="ddp"), ddp_dir)
@@ -109,6 +121,7 @@ def digits_run(name, model, cutoff, root):
         "cycle_bytes_over_ddp_at_final_ranks": steady["all"],
         "cycle_cross_group_bytes_over_ddp_at_final_ranks": steady["cross_group"],
         "cycle_program_bytes": steady["bytes"],
+        "group_step_padding": group_overheads(runner.ab, state, steady["bytes"]["group"]),
     }
     print(
         f"{name} (cutoff {cutoff}): test accuracy DDP {ddp['test_accuracy']:.4f}, AB {ab['test_accuracy']:.4f}; "
@@ -116,7 +129,8 @@ def digits_run(name, model, cutoff, root):
         f"  ranks {figures['ab_final_ranks']} of {figures['full_ranks']}\n"
         f"  bytes per step over the run: {figures['run_bytes_over_ddp']:.3f} x DDP (cross-group "
         f"{figures['run_cross_group_bytes_over_ddp']:.3f} x); over a cycle at the final ranks: {steady['all']:.3f} x "
-        f"(cross-group {steady['cross_group']:.3f} x)"
+        f"(cross-group {steady['cross_group']:.3f} x)\n"
+        f"  group step bytes spent on padding: {figures['group_step_padding']}"
     )
     return figures
 
