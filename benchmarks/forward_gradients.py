@@ -84,6 +84,7 @@ for _k in (1, 4, 16):
     ]
 STEPS += [
     ("frog_k16_scan", _forward(16, "orthogonal_projection", batching="scan")),
+    ("fg_k16_scan", _forward(16, "mean", batching="scan")),
     ("frog_k16_rademacher", _forward(16, "orthogonal_projection", "rademacher")),
     ("fg_k16_rademacher", _forward(16, "mean", "rademacher")),
 ]

@@ -284,22 +284,16 @@ def test_schedule_and_learning_rate_rebound():
     np.testing.assert_allclose(factors, [1, 1, 1, 0.01, 0.505, 1, 0.01, 0.01, 0.505])
 
 
+# digits, 11 steps per epoch, on the 2 x 4 mesh
+AB_RUN = {"epochs": 2, "batch_size": 128, "quiet": True, "parallel": "ab", "mesh": "2x4", "ab_cutoff": 0.3}
+AB_RUN |= {"ab_ddp_steps_after_sync": 1}
+
+
 def test_resume_in_the_group_phase_at_cut_ranks_equals_the_uninterrupted_run(tmp_path):
     config = TrainConfig(
-        hidden=(32,),
-        epochs=2,
-        batch_size=128,
-        lr=3e-3,
-        quiet=True,
-        parallel="ab",
-        mesh="2x4",
-        ab_warmup_steps=4,
-        ab_steps_between_syncs=6,
-        ab_ddp_steps_after_sync=1,
-        ab_cutoff=0.3,
-        checkpoint_every=16,
+        **AB_RUN, hidden=(32,), lr=3e-3, ab_warmup_steps=4, ab_steps_between_syncs=6, checkpoint_every=16,
         keep_checkpoints=10,
-    )
+    )  # fmt: skip
     full = train_and_evaluate(config, tmp_path / "full")
     checkpoint = tmp_path / "full" / "checkpoints" / "16"
     with open(checkpoint / "record" / "metadata") as f:
@@ -319,19 +313,7 @@ def test_metrics_carry_the_bytes_sent_per_step(tmp_path):
     """Epoch 1 is warm-up (DDP's bytes); epoch 2 is one data-parallel step, a re-SVD (no device traffic) and ten
     group steps at the cut rank. Oracle: parameter counts of the 64-128-10 MLP (its 64 x 128 kernel is factorised;
     the 128 x 10 one is too skinny and is shared like the biases)."""
-    config = TrainConfig(
-        hidden=(128,),
-        epochs=2,
-        batch_size=128,
-        quiet=True,
-        parallel="ab",
-        mesh="2x4",
-        ab_warmup_steps=11,
-        ab_steps_between_syncs=11,
-        ab_ddp_steps_after_sync=1,
-        ab_cutoff=0.3,
-        ab_bucket_ratio=1.0,
-    )
+    config = TrainConfig(**AB_RUN, hidden=(128,), ab_warmup_steps=11, ab_steps_between_syncs=11, ab_bucket_ratio=1.0)
     out = train_and_evaluate(config, tmp_path)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     rank = int(host(out["state"].ranks["0/linear"]))  # set by the one re-SVD of epoch 2
