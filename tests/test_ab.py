@@ -255,6 +255,29 @@ def test_group_phase_reductions_stay_in_the_group_and_a_cycle_costs_under_0_3_of
     assert ab.compression(state)["compression_ratio"] > 1
 
 
+def test_sync_bytes_of_each_mode(digits_models):
+    """What a sync all-reduces across groups, from the HLO: ``full`` every composed ``W`` (m n per layer), the
+    factor modes ``A`` and ``B`` ((m + n) r), ``only-b`` only ``B`` (r n); on top, the same shared parameters and
+    their optimizer moments in every mode."""
+    fn, params, loss_fn = digits_models["mlp"]
+    mesh = par.ab_mesh(4)
+    sync_bytes = {}
+    for mode in par.SYNC_MODES:
+        config = par.ABConfig(warmup_steps=0, sync_mode=mode, bucket_ratio=1.0)
+        ab = par.ab_training(backprop(loss_fn), optax.adam(1e-3), mesh, fn, params, config)
+        ranks = {x.name: max(1, x.full_rank // 8) for x in ab.layers}
+        state = ab.factorize(ab.init(params), ranks=ranks)
+        report = par.comm_report(ab.sync_program, state.train, state.opt_state, mesh=mesh)
+        assert all(c.axes == ("group",) for c in report.collectives), str(report)
+        sync_bytes[mode] = report.total(requested=True)
+    layers = ab.layers
+    shared = sync_bytes["full"] - 4 * sum(x.m * x.n for x in layers)
+    factors = 4 * sum((x.m + x.n) * ranks[x.name] for x in layers)
+    assert shared > 0
+    assert sync_bytes["with-stale"] == sync_bytes["only-learned"] == shared + factors
+    assert sync_bytes["only-b"] == shared + 4 * sum(ranks[x.name] * x.n for x in layers)
+
+
 def test_bad_input_is_refused_with_clear_errors():
     with pytest.raises(ValueError, match="group_size: 3 does not divide the 8 devices"):
         par.ab_mesh(3)
