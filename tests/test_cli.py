@@ -30,7 +30,9 @@ def test_every_config_field_has_a_flag_and_defaults_match():
 def test_flags_reach_the_config():
     argv = ["train", "--model", "vit", "--dataset", "wine", "--estimator", "x", "--optimizer", "sgd", "--lr", "0.5"]
     argv += ["--epochs", "3", "--batch-size", "7", "--seed", "9", "--hidden", "8,4", "--activation", "tanh"]
+    argv += ["--vit-dim", "96", "--vit-depth", "3"]
     config = cli.config_from_args(cli.build_parser().parse_args(argv))
+    assert (config.vit_dim, config.vit_depth) == (96, 3)
     assert (config.model, config.dataset, config.estimator, config.optimizer) == ("vit", "wine", "x", "sgd")
     assert (config.lr, config.epochs, config.batch_size, config.seed) == (0.5, 3, 7, 9)
     assert config.hidden == (8, 4) and config.activation == "tanh"

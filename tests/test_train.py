@@ -19,7 +19,7 @@ import jaxalgo
 import jaxalgo.estimators
 from jaxalgo.checkpoint import CheckpointMismatchError
 from jaxalgo.config import TrainConfig
-from jaxalgo.train import NonFiniteLossError, load_final_params, train_and_evaluate
+from jaxalgo.train import NonFiniteLossError, load_final_params, setup, train_and_evaluate
 
 SMALL = TrainConfig(hidden=(32,), epochs=2, batch_size=64, checkpoint_every=7, quiet=True, seed=3)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,6 +137,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
         ({"loss": "hinge"}, "loss: unknown loss 'hinge'"),
         ({"dataset": "diabetes", "loss": "cross_entropy"}, "classification loss"),
         ({"dataset": "mnist", "data_dir": "/nonexistent/jaxalgo-test"}, "nonexistent"),
+        ({"model": "vit", "vit_dim": 30}, r"vit_dim: must be a positive multiple of 4 \(4 attention heads\), got 30"),
+        ({"model": "vit", "vit_depth": 0}, "vit_depth: must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_configuration_fails_before_training(tmp_path, changes, message):
@@ -164,3 +166,11 @@ def test_existing_run_without_resume_is_refused(tmp_path):
     train_and_evaluate(TrainConfig(**{**SMALL.__dict__, "epochs": 1}), tmp_path)
     with pytest.raises(FileExistsError, match="--resume"):
         train_and_evaluate(SMALL, tmp_path)
+
+
+def test_vit_width_and_depth_reach_the_model():
+    experiment = setup(TrainConfig(model="vit", vit_dim=32, vit_depth=3, quiet=True))
+    params = experiment.init_params
+    assert len(params) == 3 + 2  # patch embedding, 3 Transformer blocks, head
+    assert params[1]["attention"]["query"]["kernel"].shape[0] == 32
+    assert params[1]["mlp_in"]["kernel"].shape == (32, 64)
