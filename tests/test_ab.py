@@ -29,21 +29,21 @@ from jaxalgo.train import make_train_step, train_and_evaluate
 BATCH = 32
 
 
-def tiny_model(dtype=jnp.float64):
-    chain = models.mlp((12,), 5, hidden=(10,), key=jax.random.key(0))
+def tiny_model(dtype=jnp.float64, inputs=12):
+    chain = models.mlp((inputs,), 5, hidden=(10,), key=jax.random.key(0))
     fn, params = models.split_chain(chain)
     params = jax.tree.map(lambda x: x.astype(dtype), params)
     loss_fn = lambda p, b: losses.softmax_cross_entropy(fn.apply(p, b["x"]), b["y"])
     return fn, params, loss_fn
 
 
-def make_batch(seed, dtype=np.float64, size=BATCH):
+def make_batch(seed, dtype=np.float64, size=BATCH, inputs=12):
     rng = np.random.RandomState(seed)
-    return {"x": rng.randn(size, 12).astype(dtype), "y": rng.randint(0, 5, size).astype(np.int32)}
+    return {"x": rng.randn(size, inputs).astype(dtype), "y": rng.randint(0, 5, size).astype(np.int32)}
 
 
-def build(config, optimizer=None, dtype=jnp.float64):
-    fn, params, loss_fn = tiny_model(dtype)
+def build(config, optimizer=None, dtype=jnp.float64, inputs=12):
+    fn, params, loss_fn = tiny_model(dtype, inputs)
     mesh = par.ab_mesh(4, sync_mode=config.sync_mode)
     optimizer = optimizer or optax.adam(1e-2)
     ab = par.ab_training(backprop(loss_fn), optimizer, mesh, fn, params, config, lr=1e-2)
@@ -111,14 +111,22 @@ def test_sync_every_step_in_full_mode_without_truncation_equals_ddp():
             chex.assert_trees_all_close(got, jax.tree.map(host, ddp.params), rtol=1e-9, atol=1e-11)
 
 
-def group_oracle(params, batch, layers, ranks, num_steps, lr, group, num_groups, only_b=False):
-    """One group's phase on one device: factors from the SVD, the group's slice of the batch, its factor trained."""
-    _, _, loss_fn = tiny_model()
+def wide(params, name, only_b):
+    """Whether the oracle factorises this kernel through its transpose: with "only-b", a wide W (m < n)."""
+    w = kernel(params, name)
+    return only_b and w.shape[0] < w.shape[1]
+
+
+def group_oracle(params, batch, layers, ranks, num_steps, lr, group, num_groups, only_b=False, inputs=12):
+    """One group's phase on one device: factors from the SVD, the group's slice of the batch, its factor trained.
+    The factors are of W, or of W^T for a wide W with "only-b" (then B is the short factor)."""
+    _, _, loss_fn = tiny_model(inputs=inputs)
     rows = BATCH // num_groups
     batch = jax.tree.map(lambda x: x[group * rows : (group + 1) * rows], batch)
     factors = {}
     for layer in layers:
-        u, s, vt = np.linalg.svd(np.asarray(kernel(params, layer.name)), full_matrices=False)
+        w = np.asarray(kernel(params, layer.name))
+        u, s, vt = np.linalg.svd(w.T if wide(params, layer.name, only_b) else w, full_matrices=False)
         r = ranks[layer.name]
         factors[layer.name] = (u[:, :r] * np.sqrt(s[:r]), np.sqrt(s[:r])[:, None] * vt[:r])
     train_a = group < num_groups // 2 and not only_b
@@ -130,9 +138,10 @@ def group_oracle(params, batch, layers, ranks, num_steps, lr, group, num_groups,
         p = trained["shared"]
         for name, f in trained["f"].items():
             a, b = (f, frozen[name]) if train_a else (frozen[name], f)
+            w = (a @ b).T if wide(params, name, only_b) else a @ b
             block = int(name.split("/")[0])
             p = tuple(
-                {**blk, "linear": {**blk["linear"], "kernel": a @ b}} if i == block else blk for i, blk in enumerate(p)
+                {**blk, "linear": {**blk["linear"], "kernel": w}} if i == block else blk for i, blk in enumerate(p)
             )
         return loss_fn(p, batch)
 
@@ -154,6 +163,8 @@ def group_oracle(params, batch, layers, ranks, num_steps, lr, group, num_groups,
 
 @pytest.mark.parametrize("mode", ["full", "only-b"])
 def test_group_phase_and_sync_match_a_per_group_oracle(mode):
+    """The MLP is 6-10-5 for "only-b", so its first, wide kernel is factorised through its transpose."""
+    inputs = 6 if mode == "only-b" else 12
     with jax.enable_x64(True):
         config = par.ABConfig(
             warmup_steps=0,
@@ -164,12 +175,14 @@ def test_group_phase_and_sync_match_a_per_group_oracle(mode):
             lr_rebound_steps=0,
             bucket_ratio=1.0,
         )
-        ab, params, _, mesh = build(config)
-        batch = make_batch(7)
+        ab, params, _, mesh = build(config, inputs=inputs)
+        assert [x.transposed for x in ab.layers] == [mode == "only-b", False]
+        batch = make_batch(7, inputs=inputs)
         run_key = par.replicate(jax.random.key(0), mesh)
         state = run_schedule(ab, ab.init(params), [batch] * 3, run_key, 1e-2)
         ranks = {k: int(host(v)) for k, v in state.ranks.items()}
-        oracles = [group_oracle(params, batch, ab.layers, ranks, 3, 1e-2, g, 2, mode == "only-b") for g in range(2)]
+        only_b = mode == "only-b"
+        oracles = [group_oracle(params, batch, ab.layers, ranks, 3, 1e-2, g, 2, only_b, inputs) for g in range(2)]
         for g, (shared, factors) in enumerate(oracles):
             for name, (a, b) in factors.items():
                 np.testing.assert_allclose(host(state.train["factors"][name]["A"])[g], a, rtol=1e-8, atol=1e-10)
@@ -182,6 +195,7 @@ def test_group_phase_and_sync_match_a_per_group_oracle(mode):
         for name in ranks:
             (a0, b0), (a1, b1) = oracles[0][1][name], oracles[1][1][name]
             expected = (a0 @ b0 + a1 @ b1) / 2 if mode == "full" else a0 @ (b0 + b1) / 2
+            expected = expected.T if wide(params, name, only_b) else expected
             for g in range(2):
                 np.testing.assert_allclose(
                     kernel(jax.tree.map(lambda x, g=g: host(x)[g], merged.train["params"]), name),
@@ -257,8 +271,8 @@ def test_group_phase_reductions_stay_in_the_group_and_a_cycle_costs_under_0_3_of
 
 def test_sync_bytes_of_each_mode(digits_models):
     """What a sync all-reduces across groups, from the HLO: ``full`` every composed ``W`` (m n per layer), the
-    factor modes ``A`` and ``B`` ((m + n) r), ``only-b`` only ``B`` (r n); on top, the same shared parameters and
-    their optimizer moments in every mode."""
+    factor modes ``A`` and ``B`` ((m + n) r), ``only-b`` only ``B`` (r min(m, n)); on top, the same shared
+    parameters and their optimizer moments in every mode."""
     fn, params, loss_fn = digits_models["mlp"]
     mesh = par.ab_mesh(4)
     sync_bytes = {}
@@ -275,7 +289,8 @@ def test_sync_bytes_of_each_mode(digits_models):
     factors = 4 * sum((x.m + x.n) * ranks[x.name] for x in layers)
     assert shared > 0
     assert sync_bytes["with-stale"] == sync_bytes["only-learned"] == shared + factors
-    assert sync_bytes["only-b"] == shared + 4 * sum(ranks[x.name] * x.n for x in layers)
+    # only-b factorises the wide 64 x 256 kernel through its transpose: B is r x min(m, n)
+    assert sync_bytes["only-b"] == shared + 4 * sum(ranks[x.name] * min(x.m, x.n) for x in layers)
 
 
 def test_bad_input_is_refused_with_clear_errors():

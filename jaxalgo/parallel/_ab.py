@@ -44,6 +44,12 @@ sub-mesh programs could not run the syncs (which need all devices) without a thi
 The gradients of ``A`` and ``B`` come from the gradient of the composed weight ``g_W`` by the chain rule,
 ``g_A = g_W B^T`` and ``g_B = A^T g_W``, so any estimator (not only backprop) drives AB-training.
 
+**Orientation.** In the modes with A- and B-groups, ``A B`` factorises ``W`` as stored (inputs x outputs): the A
+side and the B side of a model then tend to balance (an expanding layer's large ``B`` against a contracting
+layer's large ``A``), which keeps the packed buffer short. With ``"only-b"``, every group sends ``B``, so a wide
+``W`` (``m < n``) is factorised through ``W^T``, as the reference does for every layer: ``B`` is then the
+``r x min(m, n)`` factor.
+
 Parameters and optimizer state are stored stacked per group (leading axis ``G``, sharded over ``"group"``); the
 train tree holds both the full-rank parameters (used in the data-parallel steps) and the factors (group phase),
 and the optimizer update of a phase touches only the leaves that phase trains (masked update: frozen leaves keep
@@ -53,7 +59,8 @@ the data-parallel steps start from one optimizer state.
 Differences from the reference (stated on purpose): every re-SVD cuts (the reference does not cut at the first
 conversion after warm-up); the cycles are aligned to the end of warm-up; the rank is stored in zero-padded buckets
 (``bucket_ratio``) so that rank changes rarely re-compile; the learning-rate ramp reaches the full rate after
-``lr_rebound_steps``; non-eligible matrices are treated like 1-D parameters (trained and reduced in every group,
+``lr_rebound_steps``; only ``"only-b"`` factorises wide weights through ``W^T`` (see *Orientation*); non-eligible
+matrices are treated like 1-D parameters (trained and reduced in every group,
 averaged at the sync).
 
 References:
@@ -227,7 +234,8 @@ def lr_factor(step: int, config: ABConfig, lr: float) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class ABLayer:
-    """A factorised weight: ``params[block][path...]["kernel"]`` viewed as an ``m x n`` matrix."""
+    """A factorised weight: ``params[block][path...]["kernel"]`` viewed as an ``m x n`` matrix ``W`` (inputs x
+    outputs), factorised as ``A B`` of its view ``rows x cols``: ``W`` itself, or ``W^T`` when ``transposed``."""
 
     name: str
     block: int
@@ -235,19 +243,33 @@ class ABLayer:
     m: int
     n: int
     in_ndim: int
+    transposed: bool = False
 
     @property
     def full_rank(self) -> int:
         return min(self.m, self.n)
 
+    @property
+    def rows(self) -> int:
+        return self.n if self.transposed else self.m
 
-def find_ab_layers(chain: Any, params: Any, *, min_aspect: float = 0.1) -> tuple[ABLayer, ...]:
-    """The dense layers of a chain that AB-training factorises (see :func:`jaxalgo.lowrank.find_layers`)."""
+    @property
+    def cols(self) -> int:
+        return self.m if self.transposed else self.n
+
+
+def find_ab_layers(chain: Any, params: Any, *, min_aspect: float = 0.1, tall: bool = False) -> tuple[ABLayer, ...]:
+    """The dense layers of a chain that AB-training factorises (see :func:`jaxalgo.lowrank.find_layers`).
+
+    With ``tall``, a wide weight (``m < n``) is factorised through ``W^T``, so that ``A`` is the tall factor
+    (``max(m, n) x r``) and ``B`` the short one (``r x min(m, n)``), as in the reference; ``sync_mode="only-b"``
+    uses it, so the one trained factor is the cheaper to send.
+    """
     out = []
     for info in find_layers(chain, params, min_aspect=min_aspect):
         shape = _kernel(params, info.block, info.path).shape
         in_ndim = next(k for k in range(1, len(shape)) if math.prod(shape[:k]) == info.m)
-        out.append(ABLayer(info.name, info.block, info.path, info.m, info.n, in_ndim))
+        out.append(ABLayer(info.name, info.block, info.path, info.m, info.n, in_ndim, tall and info.m < info.n))
     return tuple(out)
 
 
@@ -259,7 +281,8 @@ def _kernel(params: Any, block: int, path: tuple[Any, ...]) -> jax.Array:
 
 
 def _with_kernels(params: Any, layers: Sequence[ABLayer], kernels: dict[str, jax.Array]) -> Any:
-    """A copy of ``params`` with the kernels of ``layers`` replaced (shapes as the originals)."""
+    """A copy of ``params`` with the kernels of ``layers`` replaced by ``kernels`` (each layer's ``rows x cols``
+    view, see :class:`ABLayer`)."""
     blocks = list(params)
 
     def rebuild(node, path, value):
@@ -268,7 +291,8 @@ def _with_kernels(params: Any, layers: Sequence[ABLayer], kernels: dict[str, jax
         return {**node, path[0]: rebuild(node[path[0]], path[1:], value)}
 
     for layer in layers:
-        blocks[layer.block] = rebuild(blocks[layer.block], layer.path, kernels[layer.name])
+        view = kernels[layer.name]
+        blocks[layer.block] = rebuild(blocks[layer.block], layer.path, view.T if layer.transposed else view)
     return tuple(blocks)
 
 
@@ -284,7 +308,9 @@ def _kernel_mask(params: Any, layers: Sequence[ABLayer], value: Any, other: Any)
 
 
 def _matrix(params: Any, layer: ABLayer) -> jax.Array:
-    return jnp.reshape(_kernel(params, layer.block, layer.path), (layer.m, layer.n))
+    """The layer's ``rows x cols`` view of its kernel in ``params``: ``W`` or ``W^T``."""
+    w = jnp.reshape(_kernel(params, layer.block, layer.path), (layer.m, layer.n))
+    return w.T if layer.transposed else w
 
 
 class ABTrainState(NamedTuple):
@@ -292,7 +318,7 @@ class ABTrainState(NamedTuple):
 
     Attributes:
       step: the number of steps taken (replicated).
-      train: ``{"params": model parameters (full-rank view), "factors": {layer: {"A": (m, size), "B": (size, n)}}}``
+      train: ``{"params": model parameters (full-rank view), "factors": {layer: {"A": (rows, size), "B": (size, cols)}}}``
         stacked per group (leading axis ``G``).
       estimator_state: the estimator's state (replicated).
       opt_state: the optimizer state of ``train``, stacked per group.
@@ -405,7 +431,7 @@ def ab_training(
     """
     config = ABConfig() if config is None else config
     check_ab_mesh(mesh, config.sync_mode)
-    layers = find_ab_layers(chain, params, min_aspect=config.min_aspect)
+    layers = find_ab_layers(chain, params, min_aspect=config.min_aspect, tall=config.sync_mode == "only-b")
     if not layers:
         raise ValueError("chain: the model has no dense layer eligible for factorisation; AB-training needs one")
     groups = mesh.shape[GROUP_AXIS]
@@ -651,8 +677,8 @@ def ab_training(
         params = jax.tree.map(jnp.asarray, params)
         factors = {
             layer.name: {
-                "A": jnp.zeros((layer.m, layer.full_rank), _kernel(params, layer.block, layer.path).dtype),
-                "B": jnp.zeros((layer.full_rank, layer.n), _kernel(params, layer.block, layer.path).dtype),
+                "A": jnp.zeros((layer.rows, layer.full_rank), _kernel(params, layer.block, layer.path).dtype),
+                "B": jnp.zeros((layer.full_rank, layer.cols), _kernel(params, layer.block, layer.path).dtype),
             }
             for layer in layers
         }
