@@ -77,7 +77,7 @@ def run_average(workdir):
 
 
 def cycle(runner, state, experiment):
-    comm = runner.comm(state, par.shard(digits_batch(experiment), runner.mesh))
+    comm = par.ab_comm(runner.ab, state, par.shard(digits_batch(experiment), runner.mesh), runner.run_key)
     return {
         "all": comm["cycle_bytes"] / comm["bytes"]["ddp"],
         "cross_group": comm["cycle_cross_node_bytes"] / comm["cross_node_bytes"]["ddp"],

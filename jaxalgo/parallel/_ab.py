@@ -318,8 +318,8 @@ class ABTrainState(NamedTuple):
 
     Attributes:
       step: the number of steps taken (replicated).
-      train: ``{"params": model parameters (full-rank view), "factors": {layer: {"A": (rows, size), "B": (size, cols)}}}``
-        stacked per group (leading axis ``G``).
+      train: ``{"params": model parameters (full-rank view), "factors": {layer: {"A": (rows, size),
+        "B": (size, cols)}}}`` stacked per group (leading axis ``G``).
       estimator_state: the estimator's state (replicated).
       opt_state: the optimizer state of ``train``, stacked per group.
       ranks: ``{layer: rank}`` of the current factors (replicated int32; columns/rows beyond it are zero).
@@ -738,14 +738,7 @@ def ab_comm(ab: AB, state: ABTrainState, batch: Any, run_key: jax.Array) -> dict
       sync + factorize) / S`` with ``S = steps_between_syncs``, ``D = ddp_steps_after_sync`` (bytes as requested by
       the program, i.e. before XLA:CPU widens bf16).
     """
-    from jaxalgo.parallel._comm import comm_report
-
-    factor = jnp.float32(1.0)
-    batch = reshard(batch, ab.mesh, P(AB_AXES))
-    reports = {
-        phase: comm_report(ab.steps[phase], state, batch, run_key, factor, mesh=ab.mesh) for phase in ("ddp", "group")
-    }
-    reports["sync"] = comm_report(ab.sync_program, state.train, state.opt_state, mesh=ab.mesh)
+    reports = {program: ab_program_report(ab, program, state, batch, run_key) for program in ("ddp", "group", "sync")}
     period, ddp = ab.config.steps_between_syncs, ab.config.ddp_steps_after_sync
     out: dict[str, Any] = dict(reports)
     for level, count in (
@@ -759,3 +752,14 @@ def ab_comm(ab: AB, state: ABTrainState, batch: Any, run_key: jax.Array) -> dict
             ddp * total["ddp"] + (period - ddp) * total["group"] + total["sync"] + total["factorize"]
         ) / period
     return out
+
+
+def ab_program_report(ab: AB, program: str, state: ABTrainState, batch: Any, run_key: jax.Array) -> Any:
+    """The :class:`~jaxalgo.parallel.CommReport` of one AB program at the state's factor sizes: ``"ddp"`` or
+    ``"group"`` (a step, lowered as the runs call it, so the compilation is shared with them) or ``"sync"``."""
+    from jaxalgo.parallel._comm import comm_report
+
+    if program == "sync":
+        return comm_report(ab.sync_program, state.train, state.opt_state, mesh=ab.mesh)
+    batch = reshard(batch, ab.mesh, P(AB_AXES))
+    return comm_report(ab.steps[program], state, batch, run_key, 1.0, mesh=ab.mesh)

@@ -31,7 +31,7 @@ from jaxalgo.parallel._ab import (
     AB_AXES,
     ABConfig,
     ABTrainState,
-    ab_comm,
+    ab_program_report,
     ab_schedule,
     ab_training,
     check_ab_mesh,
@@ -300,22 +300,24 @@ class ABRunner:
             return fresh
         return self.ab.resize(fresh, sizes)
 
-    def comm(self, state: ABTrainState, batch: Any) -> dict[str, Any]:
-        """:func:`jaxalgo.parallel.ab_comm` at the state's factor sizes (measured once per set of sizes)."""
-        sizes = tuple(sorted(self.ab.sizes(state).items()))
-        return self._traffic.measured(sizes, lambda: ab_comm(self.ab, state, batch, self.run_key))
+    def _count_traffic(self, program: str, state: ABTrainState, batch: Any) -> None:
+        """Counts one run of ``program`` at the state's factor sizes (measured once per program and sizes; a
+        re-SVD moves no device traffic, see :func:`jaxalgo.parallel.ab_comm`)."""
+        if program == "factorize":
+            return
+        key = (program, tuple(sorted(self.ab.sizes(state).items())))
+        measure = lambda: ab_program_report(self.ab, program, state, batch, self.run_key)
+        self._traffic.add_report(self._traffic.measured(key, measure))
 
     def step(self, state: ABTrainState, batch: Any, step_index: int) -> tuple[ABTrainState, jax.Array]:
         events, phase = ab_schedule(step_index, self.config)
         batch = shard(batch, self.mesh)
         for event in events:
-            comm = self.comm(state, batch)  # the transition's traffic at the shapes it runs with
-            self._traffic.add(comm["bytes"][event], comm["cross_node_bytes"][event])
+            self._count_traffic(event, state, batch)  # at the shapes the transition runs with
             state = self.ab.sync(state) if event == "sync" else self.ab.factorize(state)
             self._counts[event] += 1
         self._counts[phase] += 1
-        comm = self.comm(state, batch)
-        self._traffic.add(comm["bytes"][phase], comm["cross_node_bytes"][phase])
+        self._count_traffic(phase, state, batch)
         self._traffic.end_step()
         factor = lr_factor(step_index, self.config, self._lr)
         state, loss_per_group = self.ab.steps[phase](state, batch, self.run_key, factor)
