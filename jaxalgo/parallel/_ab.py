@@ -733,10 +733,11 @@ def ab_comm(ab: AB, state: ABTrainState, batch: Any, run_key: jax.Array) -> dict
 
     Returns:
       ``{"ddp", "group", "sync"}``: :class:`~jaxalgo.parallel.CommReport` s; ``"bytes"`` and
-      ``"cross_node_bytes"``: their totals and ``"factorize": 0`` (no device collective, see
-      :func:`ab_training`); ``"cycle_bytes"`` and ``"cycle_cross_node_bytes"``: ``(D * ddp + (S - D) * group +
-      sync + factorize) / S`` with ``S = steps_between_syncs``, ``D = ddp_steps_after_sync`` (bytes as requested by
-      the program, i.e. before XLA:CPU widens bf16).
+      ``"cross_node_bytes"``: their totals and ``"factorize": 0`` (each process computes the SVD of its own copy
+      of ``W``; the agreed cut gathers one int32 per layer and process, not counted); ``"cycle_bytes"`` and
+      ``"cycle_cross_node_bytes"``: ``(D * ddp + (S - D) * group + sync + factorize) / S`` with
+      ``S = steps_between_syncs``, ``D = ddp_steps_after_sync`` (bytes as requested by the program, i.e. before
+      XLA:CPU widens bf16).
     """
     reports = {program: ab_program_report(ab, program, state, batch, run_key) for program in ("ddp", "group", "sync")}
     period, ddp = ab.config.steps_between_syncs, ab.config.ddp_steps_after_sync
@@ -746,7 +747,7 @@ def ab_comm(ab: AB, state: ABTrainState, batch: Any, run_key: jax.Array) -> dict
         ("cross_node_bytes", lambda r: r.requested_cross_node_bytes),
     ):
         total = {name: count(report) for name, report in reports.items()}
-        total["factorize"] = 0  # the SVD runs on each process's own copy of W; only the ranks (integers) are gathered
+        total["factorize"] = 0  # the SVD runs on each process's own copy of W; only the ranks are gathered
         out[level] = total
         out[f"cycle_{level}"] = (
             ddp * total["ddp"] + (period - ddp) * total["group"] + total["sync"] + total["factorize"]
