@@ -404,6 +404,7 @@ def _run(
     final = {"final": True, "step": step, "epoch": config.epochs, **evaluate(state)}
     if lowrank_hook is not None:
         final.update(lowrank_hook.metrics())
+    final.update(runner.final_metrics())
     final.update(steps=step, seconds=time.perf_counter() - started)
     if runner.is_primary:
         _append_metrics(metrics_path, final)
@@ -426,6 +427,9 @@ def format_summary(config: TrainConfig, final: dict[str, Any]) -> str:
     if "test_mae" in final:
         rows.append(("test MAE", f"{final['test_mae']:.4f}"))
     rows += [("test loss", f"{final['test_loss']:.4f}"), ("steps", str(final["steps"]))]
+    if "comm_bytes_per_step" in final:
+        sent, cross = final["comm_bytes_per_step"], final["comm_cross_node_bytes_per_step"]
+        rows.append(("sent per device", f"{sent / 1e3:.1f} kB per step ({cross / 1e3:.1f} kB across nodes)"))
     rows.append(("time", f"{final['seconds']:.1f} s"))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]

@@ -364,6 +364,9 @@ def test_metrics_carry_the_bytes_sent_per_step(tmp_path):
     assert lines[1]["ab_counts"] == {"ddp": 1, "factorize": 1, "group": 10}
     assert lines[1]["comm_bytes_per_step"] == pytest.approx((ddp + 4 + 10 * group) / 11, rel=1e-12)
     assert lines[1]["comm_cross_node_bytes_per_step"] == pytest.approx(ddp / 11, rel=1e-12)
+    assert lines[2]["final"]  # the whole run: both epochs
+    assert lines[2]["comm_bytes_per_step"] == pytest.approx((12 * (ddp + 4) + 10 * group) / 22, rel=1e-12)
+    assert lines[2]["comm_cross_node_bytes_per_step"] == pytest.approx(12 * ddp / 22, rel=1e-12)
 
 
 def test_cli_flags_reach_the_config():

@@ -174,3 +174,12 @@ def test_vit_width_and_depth_reach_the_model():
     assert len(params) == 3 + 2  # patch embedding, 3 Transformer blocks, head
     assert params[1]["attention"]["query"]["kernel"].shape[0] == 32
     assert params[1]["mlp_in"]["kernel"].shape == (32, 64)
+
+
+def test_summary_shows_the_bytes_sent_by_a_data_parallel_run():
+    from jaxalgo.train import format_summary
+
+    final = {"test_accuracy": 0.9, "test_loss": 0.3, "steps": 10, "seconds": 1.0}
+    assert "sent per device" not in format_summary(SMALL, final)  # one device: nothing is sent
+    final |= {"comm_bytes_per_step": 340012.0, "comm_cross_node_bytes_per_step": 170004.0}
+    assert "sent per device  340.0 kB per step (170.0 kB across nodes)" in format_summary(SMALL, final)

@@ -9,6 +9,8 @@ every time it runs. The metrics line of an epoch reports the mean over the steps
 - ``comm_cross_node_bytes_per_step``: the part whose replica groups span the mesh's outermost axis (``"node"``
   for DDP and DASO, ``"group"`` for AB-training), i.e. the network traffic when that axis is the node axis.
 
+The final metrics line reports the same two means over the whole run (since the start or the resume).
+
 Measuring lowers and compiles the program before its first run; JAX's compilation cache then serves the run
 itself (and a measurement after a run), so nothing is compiled twice.
 """
@@ -26,9 +28,8 @@ class TrafficMeter:
 
     def __init__(self) -> None:
         self._cache: dict[Hashable, Any] = {}
-        self._bytes = 0.0
-        self._cross_node_bytes = 0.0
-        self._steps = 0
+        self._epoch = [0.0, 0.0, 0]  # bytes, cross-node bytes, steps since the last metrics line
+        self._run = [0.0, 0.0, 0]  # the same since the start (or the resume)
 
     def measured(self, key: Hashable, measure: Callable[[], Any]) -> Any:
         """``measure()`` on the first call with ``key``, the cached value afterwards."""
@@ -38,23 +39,30 @@ class TrafficMeter:
 
     def add(self, total: float, cross_node: float) -> None:
         """Counts one run of a program that sends ``total`` bytes per device, ``cross_node`` of them across nodes."""
-        self._bytes += total
-        self._cross_node_bytes += cross_node
+        for sums in (self._epoch, self._run):
+            sums[0] += total
+            sums[1] += cross_node
 
     def add_report(self, report: CommReport) -> None:
         self.add(report.total(requested=True), report.requested_cross_node_bytes)
 
     def end_step(self) -> None:
-        self._steps += 1
+        self._epoch[2] += 1
+        self._run[2] += 1
 
     def metrics(self) -> dict[str, float]:
         """The means per step since the last call (empty if no step ran), then starts counting anew."""
-        if not self._steps:
-            return {}
-        out = {
-            "comm_bytes_per_step": self._bytes / self._steps,
-            "comm_cross_node_bytes_per_step": self._cross_node_bytes / self._steps,
-        }
-        self._bytes = self._cross_node_bytes = 0.0
-        self._steps = 0
+        out = _means(self._epoch)
+        self._epoch = [0.0, 0.0, 0]
         return out
+
+    def run_metrics(self) -> dict[str, float]:
+        """The means per step over the whole run (since the start or the resume)."""
+        return _means(self._run)
+
+
+def _means(sums: list) -> dict[str, float]:
+    total, cross_node, steps = sums
+    if not steps:
+        return {}
+    return {"comm_bytes_per_step": total / steps, "comm_cross_node_bytes_per_step": cross_node / steps}

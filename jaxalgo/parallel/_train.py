@@ -9,7 +9,8 @@ same for all three:
 - ``end_epoch(state, epoch, train_loss) -> state``: DASO's plateau-driven schedule update;
 - ``eval_params(state)``: the parameters to evaluate, on the host (DASO: the average over nodes);
 - ``epoch_metrics()``: extra fields for the epoch's metrics line (DASO: the schedule and the phases run; every
-  data-parallel runner: the bytes each device sent per step, see :mod:`jaxalgo.parallel._traffic`).
+  data-parallel runner: the bytes each device sent per step, see :mod:`jaxalgo.parallel._traffic`);
+- ``final_metrics()``: extra fields for the final line (the bytes per step over the run).
 
 In a multi-process run every process iterates the same global batches and keeps the pieces for its own devices;
 only process 0 writes metrics.
@@ -143,6 +144,9 @@ class SingleDeviceRunner:
     def epoch_metrics(self) -> dict[str, Any]:
         return {}
 
+    def final_metrics(self) -> dict[str, Any]:
+        return {}
+
 
 def _host(tree: Any) -> Any:
     """A replicated global tree as host numpy arrays (works with several processes)."""
@@ -184,6 +188,9 @@ class DataParallelRunner(SingleDeviceRunner):
     def epoch_metrics(self) -> dict[str, Any]:
         """The bytes each device sent per step."""
         return self._traffic.metrics()
+
+    def final_metrics(self) -> dict[str, Any]:
+        return self._traffic.run_metrics()
 
 
 class DasoRunner:
@@ -260,6 +267,9 @@ class DasoRunner:
         }
         self._phases.clear()
         return record
+
+    def final_metrics(self) -> dict[str, Any]:
+        return self._traffic.run_metrics()
 
 
 class ABRunner:
@@ -342,6 +352,9 @@ class ABRunner:
             record["ab_ranks"] = {k: int(v) for k, v in ranks.items()}
             record["ab_compression_ratio"] = self.ab.compression(self._state)["compression_ratio"]
         return record
+
+    def final_metrics(self) -> dict[str, Any]:
+        return self._traffic.run_metrics()
 
 
 def make_runner(experiment: Any) -> SingleDeviceRunner | DataParallelRunner | DasoRunner | ABRunner:
