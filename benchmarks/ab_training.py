@@ -69,11 +69,10 @@ def digits_batch(experiment):
 
 
 def run_average(workdir):
-    """Bytes per step over the whole run, from the metrics lines (each epoch has the same number of steps)."""
+    """Bytes per step over the whole run: all, and across groups (nodes), from the final metrics line."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        lines = [json.loads(line) for line in f if "comm_bytes_per_step" in line]
-    keys = ("comm_bytes_per_step", "comm_cross_node_bytes_per_step")
-    return tuple(float(np.mean([line[k] for line in lines])) for k in keys)
+        final = [json.loads(line) for line in f][-1]
+    return final["comm_bytes_per_step"], final["comm_cross_node_bytes_per_step"]
 
 
 def cycle(runner, state, experiment):
@@ -89,8 +88,8 @@ def group_overheads(ab, state, group_bytes):
     """Fractions of the group step's bytes spent on padding: the packed buffer sized to the larger of the A and B
     sides (against the mean of the two), and the zero-padded rank buckets (against the live ranks)."""
     sizes, ranks = ab.sizes(state), {k: int(v) for k, v in jax.device_get(state.ranks).items()}
-    stored = [sum(x.m * sizes[x.name] for x in ab.layers), sum(sizes[x.name] * x.n for x in ab.layers)]
-    live = [sum(x.m * ranks[x.name] for x in ab.layers), sum(ranks[x.name] * x.n for x in ab.layers)]
+    stored = [sum(x.rows * sizes[x.name] for x in ab.layers), sum(sizes[x.name] * x.cols for x in ab.layers)]
+    live = [sum(x.rows * ranks[x.name] for x in ab.layers), sum(ranks[x.name] * x.cols for x in ab.layers)]
     return {
         "packing": 4 * (max(stored) - sum(stored) / 2) / group_bytes,
         "rank_buckets": 4 * (sum(stored) - sum(live)) / 2 / group_bytes,
