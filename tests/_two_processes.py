@@ -1,6 +1,7 @@
-"""Runs a test program in two ``jax.distributed`` processes (gloo on 127.0.0.1, 4 simulated devices each).
+"""Runs a test program, or the command line, in two ``jax.distributed`` processes (gloo on 127.0.0.1, 4 simulated
+devices each).
 
-The program defines ``run(mesh) -> dict of arrays``; each process calls it on a ``(2, 4)`` mesh over all 8 devices
+A program defines ``run(mesh) -> dict of arrays``; each process calls it on a ``(2, 4)`` mesh over all 8 devices
 and saves the result. The caller compares both results with ``run`` in the test process.
 """
 
@@ -39,27 +40,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(tmp_path: Path, program: str) -> list[dict[str, np.ndarray]]:
-    """Each process's ``run`` result; skips the test if this jaxlib has no gloo CPU collectives."""
-    (tmp_path / "program.py").write_text(program)
-    (tmp_path / "worker.py").write_text(WORKER)
-    port = free_port()
+def _environment() -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
-    outputs = [tmp_path / f"out{i}.npz" for i in range(2)]
+    return env
+
+
+def run_concurrently(commands: list[list[str]], timeout: float = 150) -> None:
+    """Runs the commands at the same time and waits for all; skips the test if this jaxlib has no gloo CPU
+    collectives, fails with their error output if any fails."""
     processes = [
-        subprocess.Popen(
-            [sys.executable, str(tmp_path / "worker.py"), str(i), str(port), str(out), str(tmp_path / "program.py")],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for i, out in enumerate(outputs)
+        subprocess.Popen(command, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for command in commands
     ]
     errors = []
     try:
         for p in processes:
-            _, stderr = p.communicate(timeout=150)
+            _, stderr = p.communicate(timeout=timeout)
             if p.returncode != 0:
                 errors.append(stderr.decode()[-3000:])
     finally:
@@ -70,4 +67,25 @@ def run_two_processes(tmp_path: Path, program: str) -> list[dict[str, np.ndarray
     if errors and all("gloo" in e.lower() and "not" in e.lower() and "available" in e.lower() for e in errors):
         pytest.skip("gloo CPU collectives are unavailable in this jaxlib: " + errors[0][-300:])
     assert not errors, "\n---\n".join(errors)
+
+
+def run_two_processes(tmp_path: Path, program: str) -> list[dict[str, np.ndarray]]:
+    """Each process's ``run`` result; skips the test if this jaxlib has no gloo CPU collectives."""
+    (tmp_path / "program.py").write_text(program)
+    (tmp_path / "worker.py").write_text(WORKER)
+    port = free_port()
+    outputs = [tmp_path / f"out{i}.npz" for i in range(2)]
+    run_concurrently(
+        [
+            [sys.executable, str(tmp_path / "worker.py"), str(i), str(port), str(out), str(tmp_path / "program.py")]
+            for i, out in enumerate(outputs)
+        ]
+    )
     return [dict(np.load(out)) for out in outputs]
+
+
+def run_cli_in_two_processes(workdir: Path, *args: str) -> None:
+    """``jaxalgo train --quiet --devices 4 ARGS`` as processes 0 and 1 of one run (gloo on 127.0.0.1)."""
+    command = [sys.executable, "-m", "jaxalgo", "train", "--quiet", "--devices", "4", *args, "--workdir", str(workdir)]
+    command += ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2"]
+    run_concurrently([[*command, "--process-id", str(i)] for i in range(2)], timeout=300)
