@@ -60,7 +60,7 @@ from jaxalgo.grads._estimator import (
     check_scalar_loss,
     stateless_init,
 )
-from jaxalgo.grads._rank1 import rank1_directional, rank1_forward_gradient
+from jaxalgo.grads._rank1 import rank1_forward_gradient
 from jaxalgo.grads._tangents import FlatLayout
 
 TANGENTS: tuple[str, ...] = ("gaussian", "rademacher", "rank1")
@@ -149,22 +149,12 @@ def forward_gradient_directional(
         (normalisation and scaling correction applied here), redrawing the same tangents from ``key``. Only the
         shapes and dtypes of ``params`` are used.
     """
-    _check_options(loss_fn, num_tangents, aggregation, tangents, batching, chunk_size, mode)
-    if tangents == "rank1":
-        _check_rank1_options(normalize_tangents, batching, mode)
-        return rank1_directional(
-            loss_fn,
-            num_tangents=num_tangents,
-            aggregation=aggregation,
-            scaling_correction=scaling_correction,
-            has_aux=has_aux,
-            batching=batching,
-        )
-    parts, _ = _dense_parts(
-        loss_fn, num_tangents, aggregation, tangents, normalize_tangents, scaling_correction, batching, chunk_size,
-        has_aux, mode,
+    estimator = forward_gradient(
+        loss_fn, num_tangents=num_tangents, aggregation=aggregation, tangents=tangents,
+        normalize_tangents=normalize_tangents, scaling_correction=scaling_correction, batching=batching,
+        chunk_size=chunk_size, has_aux=has_aux, mode=mode,
     )  # fmt: skip
-    return parts
+    return estimator.split
 
 
 def _fold_tangents(
