@@ -153,7 +153,35 @@ def _host(tree: Any) -> Any:
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
 
 
-class DataParallelRunner(SingleDeviceRunner):
+class _MeshRunner:
+    """What the multi-device runners share: the mesh of ``config.mesh``, the run key replicated on it, metrics
+    written by process 0 only, and the bytes sent per step (:class:`~jaxalgo.parallel._traffic.TrafficMeter`)."""
+
+    def __init__(self, experiment: Any):
+        self.mesh = mesh_for(experiment.config)
+        self.run_key = replicate(experiment.run_key, self.mesh)
+        self.is_primary = jax.process_index() == 0
+        self._traffic = TrafficMeter()
+
+    def _count_traffic_of(self, key: Any, program: Any, *args: Any) -> None:
+        """Counts one run of the jitted ``program(*args)`` (its collectives measured on the first call with
+        ``key``)."""
+        measure = lambda: comm_report(program, *args, mesh=self.mesh)
+        self._traffic.add_report(self._traffic.measured(key, measure))
+
+    def end_epoch(self, state: Any, epoch: int, train_loss: float) -> Any:
+        return state
+
+    def epoch_metrics(self) -> dict[str, Any]:
+        """The bytes each device sent per step this epoch."""
+        return self._traffic.metrics()
+
+    def final_metrics(self) -> dict[str, Any]:
+        """The bytes each device sent per step over the run."""
+        return self._traffic.run_metrics()
+
+
+class DataParallelRunner(_MeshRunner):
     """DDP: the training step of :func:`jaxalgo.train.make_train_step` on a data-parallel estimator.
 
     For weight-perturbation forward gradients (``estimator.split`` set) the step all-reduces only the ``k``
@@ -164,12 +192,9 @@ class DataParallelRunner(SingleDeviceRunner):
     def __init__(self, experiment: Any):
         from jaxalgo.train import make_train_step
 
-        self.mesh = mesh_for(experiment.config)
+        super().__init__(experiment)
         estimator = data_parallel(experiment.estimator, self.mesh, reduce=experiment.config.parallel_reduce)
         self.train_step = make_train_step(estimator, experiment.optimizer)
-        self.run_key = replicate(experiment.run_key, self.mesh)
-        self.is_primary = jax.process_index() == 0
-        self._traffic = TrafficMeter()
 
     def init(self, fresh: Any) -> Any:
         return replicate(fresh, self.mesh)
@@ -177,41 +202,30 @@ class DataParallelRunner(SingleDeviceRunner):
     def step(self, state: Any, batch: Any, step_index: int) -> tuple[Any, jax.Array]:
         del step_index
         batch = shard(batch, self.mesh)
-        measure = lambda: comm_report(self.train_step, state, batch, self.run_key, mesh=self.mesh)
-        self._traffic.add_report(self._traffic.measured("step", measure))
+        self._count_traffic_of("step", self.train_step, state, batch, self.run_key)
         self._traffic.end_step()
         return self.train_step(state, batch, self.run_key)
 
     def eval_params(self, state: Any) -> Any:
         return _host(state.params)
 
-    def epoch_metrics(self) -> dict[str, Any]:
-        """The bytes each device sent per step."""
-        return self._traffic.metrics()
 
-    def final_metrics(self) -> dict[str, Any]:
-        return self._traffic.run_metrics()
-
-
-class DasoRunner:
+class DasoRunner(_MeshRunner):
     """DASO: per-phase steps chosen on the host from the step index and the schedule kept in the state."""
 
     def __init__(self, experiment: Any):
+        super().__init__(experiment)
         config = experiment.config
-        self.mesh = mesh_for(config)
         self.config = daso_config_from(config)
         self.daso = daso(
             experiment.estimator, experiment.optimizer, self.mesh, self.config, reduce=config.parallel_reduce
         )
-        self.run_key = replicate(experiment.run_key, self.mesh)
         self._steps_per_epoch = experiment.steps_per_epoch
         self._epochs = config.epochs
         self._schedule = None
         self._epoch_schedule = None
         self._phases: collections.Counter[str] = collections.Counter()
         self._mean = jax.jit(jnp.mean)
-        self.is_primary = jax.process_index() == 0
-        self._traffic = TrafficMeter()
 
     def init(self, fresh: Any) -> DasoTrainState:
         return self.daso.init(fresh.params)
@@ -232,8 +246,7 @@ class DasoRunner:
             self._epoch_schedule = self._schedule
         self._phases[phase] += 1
         batch, step = shard(batch, self.mesh), self.daso.steps[phase]
-        measure = lambda: comm_report(step, state, batch, self.run_key, mesh=self.mesh)
-        self._traffic.add_report(self._traffic.measured(phase, measure))
+        self._count_traffic_of(phase, step, state, batch, self.run_key)
         self._traffic.end_step()
         state, loss_per_node = step(state, batch, self.run_key)
         return state, self._mean(loss_per_node)
@@ -268,16 +281,13 @@ class DasoRunner:
         self._phases.clear()
         return record
 
-    def final_metrics(self) -> dict[str, Any]:
-        return self._traffic.run_metrics()
 
-
-class ABRunner:
+class ABRunner(_MeshRunner):
     """AB-training: the host runs the schedule's transitions (sync, re-SVD) and picks each step's program."""
 
     def __init__(self, experiment: Any):
+        super().__init__(experiment)
         config = experiment.config
-        self.mesh = mesh_for(config)
         self.config = ab_config_from(config)
         self.ab = ab_training(
             experiment.estimator,
@@ -288,13 +298,10 @@ class ABRunner:
             self.config,
             lr=config.lr,
         )
-        self.run_key = replicate(experiment.run_key, self.mesh)
         self._lr = config.lr
         self._counts: collections.Counter[str] = collections.Counter()
         self._state: ABTrainState | None = None
         self._mean = jax.jit(jnp.mean)
-        self.is_primary = jax.process_index() == 0
-        self._traffic = TrafficMeter()
 
     def init(self, fresh: Any) -> ABTrainState:
         return self.ab.init(fresh.params)
@@ -310,7 +317,7 @@ class ABRunner:
             return fresh
         return self.ab.resize(fresh, sizes)
 
-    def _count_traffic(self, program: str, state: ABTrainState, batch: Any) -> None:
+    def _count_ab_traffic(self, program: str, state: ABTrainState, batch: Any) -> None:
         """Counts one run of ``program`` at the state's factor sizes (measured once per program and sizes; a
         re-SVD moves no device traffic, see :func:`jaxalgo.parallel.ab_comm`)."""
         if program == "factorize":
@@ -323,19 +330,16 @@ class ABRunner:
         events, phase = ab_schedule(step_index, self.config)
         batch = shard(batch, self.mesh)
         for event in events:
-            self._count_traffic(event, state, batch)  # at the shapes the transition runs with
+            self._count_ab_traffic(event, state, batch)  # at the shapes the transition runs with
             state = self.ab.sync(state) if event == "sync" else self.ab.factorize(state)
             self._counts[event] += 1
         self._counts[phase] += 1
-        self._count_traffic(phase, state, batch)
+        self._count_ab_traffic(phase, state, batch)
         self._traffic.end_step()
         factor = lr_factor(step_index, self.config, self._lr)
         state, loss_per_group = self.ab.steps[phase](state, batch, self.run_key, factor)
         self._state = state
         return state, self._mean(loss_per_group)
-
-    def end_epoch(self, state: ABTrainState, epoch: int, train_loss: float) -> ABTrainState:
-        return state
 
     def eval_params(self, state: ABTrainState) -> Any:
         """The merged model: while the groups train their own factors, the result of a sync (state unchanged)."""
@@ -352,9 +356,6 @@ class ABRunner:
             record["ab_ranks"] = {k: int(v) for k, v in ranks.items()}
             record["ab_compression_ratio"] = self.ab.compression(self._state)["compression_ratio"]
         return record
-
-    def final_metrics(self) -> dict[str, Any]:
-        return self._traffic.run_metrics()
 
 
 def make_runner(experiment: Any) -> SingleDeviceRunner | DataParallelRunner | DasoRunner | ABRunner:
