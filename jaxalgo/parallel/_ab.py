@@ -89,7 +89,7 @@ from optax import tree_utils as otu
 from jaxalgo.grads import Estimator
 from jaxalgo.lowrank._layers import find_layers
 from jaxalgo.lowrank._svd import bucket_size, check_cutoff
-from jaxalgo.parallel._collectives import mean_over, merge_replicated_state, vary
+from jaxalgo.parallel._collectives import mean_over, merge_replicated_state, stack_copies, vary
 from jaxalgo.parallel._data_parallel import check_batch, reshard
 from jaxalgo.parallel._mesh import make_mesh, place
 
@@ -683,12 +683,11 @@ def ab_training(
             for layer in layers
         }
         train = {"params": params, "factors": factors}
-        stacked = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (groups, *jnp.shape(x))), tree)
         state = ABTrainState(
             step=jnp.zeros((), jnp.int32),
-            train=stacked(train),
+            train=stack_copies(train, groups),
             estimator_state=estimator.init(params),
-            opt_state=stacked(optimizer.init(train)),
+            opt_state=stack_copies(optimizer.init(train), groups),
             ranks={layer.name: jnp.asarray(layer.full_rank, jnp.int32) for layer in layers},
             loss_sum=jnp.zeros((groups,), jnp.float32),
         )

@@ -46,6 +46,12 @@ def vary(tree: Any, axes: Axes) -> Any:
     return jax.tree.map(cast, tree)
 
 
+def stack_copies(tree: Any, count: int) -> Any:
+    """``count`` copies of every leaf along a new leading axis: the per-node (DASO) or per-group (AB-training)
+    state, before it is placed with that axis sharded over the mesh."""
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (count, *jnp.shape(x))), tree)
+
+
 def mean_over(tree: Any, axes: Axes, *, dtype: Any = None) -> Any:
     """``pmean`` of every floating leaf over ``axes``, sent in ``dtype`` (default: the leaf's own dtype).
 

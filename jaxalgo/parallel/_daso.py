@@ -61,7 +61,14 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxalgo.grads import Estimator
-from jaxalgo.parallel._collectives import STATE_MERGES, mean_over, merge_replicated_state, sharded_mean_over, vary
+from jaxalgo.parallel._collectives import (
+    STATE_MERGES,
+    mean_over,
+    merge_replicated_state,
+    sharded_mean_over,
+    stack_copies,
+    vary,
+)
 from jaxalgo.parallel._data_parallel import check_batch, reshard
 from jaxalgo.parallel._forward_dp import check_reduce, directional_value_and_grad
 from jaxalgo.parallel._mesh import LOCAL_AXIS, NODE_AXIS, place
@@ -371,12 +378,11 @@ def daso(
         return jax.jit(step_with_loss, donate_argnums=0)
 
     def init(params) -> DasoTrainState:
-        stacked = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (num_nodes, *jnp.shape(x))), tree)
         state = DasoTrainState(
             step=jnp.zeros((), jnp.int32),
-            params=stacked(params),
+            params=stack_copies(params, num_nodes),
             estimator_state=estimator.init(params),
-            opt_state=stacked(optimizer.init(params)),
+            opt_state=stack_copies(optimizer.init(params), num_nodes),
             daso=DasoState(
                 inflight=jax.tree.map(jnp.asarray, params),
                 schedule=initial_schedule(config),
