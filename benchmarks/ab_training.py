@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import tempfile
-import time
 
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 
 import numpy as np  # noqa: E402
+from _timing import median_seconds  # noqa: E402  (same directory)
 
 from jaxalgo import parallel as par  # noqa: E402
 from jaxalgo.config import TrainConfig  # noqa: E402
@@ -47,20 +46,6 @@ RUNS = {
     "vit": ({"model": "vit"}, 0.3),
 }
 REPEATS = 30
-
-
-def median_seconds(step, state, *args):
-    state = jax.tree.map(lambda x: x.copy(), state)  # the steps donate their state
-    for _ in range(3):
-        state, loss = step(state, *args)
-    jax.block_until_ready(loss)
-    times = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        state, loss = step(state, *args)
-        jax.block_until_ready(loss)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def digits_batch(experiment):
@@ -161,11 +146,11 @@ def eighth_rank(model, sync_mode="full"):
 
 def step_times(runner, state, experiment):
     sharded = par.shard(digits_batch(experiment), runner.mesh)
-    group = median_seconds(runner.ab.steps["group"], state, sharded, runner.run_key, 1.0)
-    ab_ddp = median_seconds(runner.ab.steps["ddp"], state, sharded, runner.run_key, 1.0)
+    group = median_seconds(runner.ab.steps["group"], state, sharded, runner.run_key, 1.0, repeats=REPEATS)
+    ab_ddp = median_seconds(runner.ab.steps["ddp"], state, sharded, runner.run_key, 1.0, repeats=REPEATS)
     ddp_runner = DataParallelRunner(setup(TrainConfig(**COMMON, parallel="ddp")))
     ddp_state = ddp_runner.init(experiment.init_state())
-    base = median_seconds(ddp_runner.train_step, ddp_state, sharded, ddp_runner.run_key)
+    base = median_seconds(ddp_runner.train_step, ddp_state, sharded, ddp_runner.run_key, repeats=REPEATS)
     print(
         f"step time (median of {REPEATS}): DDP {1e3 * base:.2f} ms; AB group step {group / base:.2f} x, "
         f"AB data-parallel step {ab_ddp / base:.2f} x"

@@ -19,11 +19,10 @@ one JSON object with the figures.
 from __future__ import annotations
 
 import json
-import statistics
-import time
 
 import jax
 import numpy as np
+from _timing import interleaved_medians  # same directory
 
 from jaxalgo.grads import activity_forward_gradient, backprop, sample_activity_tangents
 from jaxalgo.losses import softmax_cross_entropy
@@ -68,14 +67,7 @@ def main():
         temp_bytes[name] = int(compiled[name].memory_analysis().temp_size_in_bytes)
         flops[name] = float(compiled[name].cost_analysis()["flops"])
         jax.block_until_ready(compiled[name](params, batch, key))  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for r in range(REPEATS):
-        for name in steps:
-            step_key = jax.random.fold_in(key, r)
-            start = time.perf_counter()
-            jax.block_until_ready(compiled[name](params, batch, step_key))
-            times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(t) for name, t in times.items()}
+    medians = interleaved_medians(compiled, lambda r: (params, batch, jax.random.fold_in(key, r)), REPEATS)
     ratios = {name: medians[name] / medians["backprop"] for name in steps}
 
     print(f"MLP 784-{'-'.join(map(str, HIDDEN))}-10, batch {BATCH}, float32; median of {REPEATS} interleaved runs")

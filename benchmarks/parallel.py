@@ -19,10 +19,7 @@ Runs with no arguments in a few minutes; the last line is one JSON object of the
 
 from __future__ import annotations
 
-import itertools
 import json
-import statistics
-import time
 
 import jax
 
@@ -30,6 +27,8 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
+from _timing import median_seconds  # noqa: E402  (same directory)
+from forward_gradients import init_params, loss_fn  # noqa: E402  (the same MLP and loss, same directory)
 
 from jaxalgo import parallel as par  # noqa: E402
 from jaxalgo.grads import backprop, rank1_forward_gradient  # noqa: E402
@@ -41,36 +40,6 @@ REPEATS = 30
 FG_SIZES = (784, 1024, 1024, 1024, 10)
 FG_TANGENTS = 16
 FG_REPEATS = 10
-
-
-def init_params(key, sizes=SIZES):
-    params = []
-    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
-        k = jax.random.fold_in(key, i)
-        params.append({"kernel": jax.random.normal(k, (n_in, n_out)) / jnp.sqrt(n_in), "bias": jnp.zeros(n_out)})
-    return params
-
-
-def loss_fn(params, batch):
-    h = batch["x"]
-    for i, layer in enumerate(params):
-        h = h @ layer["kernel"] + layer["bias"]
-        if i < len(params) - 1:
-            h = jax.nn.relu(h)
-    return optax.softmax_cross_entropy_with_integer_labels(h, batch["y"]).mean()
-
-
-def median_seconds(fn, state, *args, repeats=REPEATS):
-    for _ in range(3):
-        state, loss = fn(state, *args)
-    jax.block_until_ready(loss)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        state, loss = fn(state, *args)
-        jax.block_until_ready(loss)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def make_ddp_step(estimator, optimizer):
@@ -135,7 +104,7 @@ def forward_gradient_figures(mesh, run_key):
 
 def main():
     mesh = par.make_mesh((2, 4))
-    params = init_params(jax.random.key(0))
+    params = init_params(jax.random.key(0), SIZES)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     kx, ky = jax.random.split(jax.random.key(1))
     batch = {"x": jax.random.normal(kx, (BATCH, SIZES[0])), "y": jax.random.randint(ky, (BATCH,), 0, SIZES[-1])}
@@ -146,7 +115,7 @@ def main():
     ddp_step = make_ddp_step(par.data_parallel(estimator, mesh), optimizer)
     ddp_state = par.replicate((jnp.zeros((), jnp.int32), params, optimizer.init(params)), mesh)
     ddp_report = par.comm_report(ddp_step, ddp_state, batch, run_key)
-    ddp_time = median_seconds(ddp_step, ddp_state, batch, run_key)
+    ddp_time = median_seconds(ddp_step, ddp_state, batch, run_key, repeats=REPEATS)
     print(f"parameters: {n_params} ({4 * n_params} bytes in f32); mesh 2 nodes x 4 local devices; batch {BATCH}")
     print(
         f"DDP step: cross-node {ddp_report.cross_node_bytes} B, node-local {ddp_report.node_local_bytes} B, "
@@ -181,7 +150,7 @@ def main():
         for phase in par.PHASES:
             state = d.init(params)
             report = par.comm_report(d.steps[phase], state, batch, run_key)
-            seconds = median_seconds(d.steps[phase], state, batch, run_key)
+            seconds = median_seconds(d.steps[phase], state, batch, run_key, repeats=REPEATS)
             phases[phase] = {
                 "cross_node_bytes": report.cross_node_bytes,
                 "requested_cross_node_bytes": report.requested_cross_node_bytes,

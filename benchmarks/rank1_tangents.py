@@ -11,12 +11,11 @@ JSON object with the figures.
 from __future__ import annotations
 
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import interleaved_medians  # same directory
 from forward_gradients import BATCH, SIZES, init_params, loss_fn  # the same MLP and loss, same directory
 
 from jaxalgo.grads import backprop, rank1_forward_gradient
@@ -69,14 +68,7 @@ def main():
         compiled[name] = jitted.lower(params, batch, key).compile()
         temp_bytes[name] = int(compiled[name].memory_analysis().temp_size_in_bytes)
         jax.block_until_ready(compiled[name](params, batch, key))  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for r in range(REPEATS):
-        for name in steps:
-            step_key = jax.random.fold_in(key, r)
-            start = time.perf_counter()
-            jax.block_until_ready(compiled[name](params, batch, step_key))
-            times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(t) for name, t in times.items()}
+    medians = interleaved_medians(compiled, lambda r: (params, batch, jax.random.fold_in(key, r)), REPEATS)
     ratios = {name: medians[name] / medians["backprop"] for name in steps}
 
     # Quality check in the same run: projection property of the rank-1 FROG estimate.
