@@ -12,8 +12,9 @@ estimators built with ``has_aux=True``. Stateless estimators use :class:`EmptySt
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +61,80 @@ class Estimator(NamedTuple):
     init: InitFn
     value_and_grad: ValueAndGradFn
     split: DirectionalSplit | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """What an estimator may know of the task it is built for (the run configuration is not part of it).
+
+    Only ``loss_fn`` is required; the block-wise estimators (F3, DFA, DRTP, FA, last-layer-only and activity
+    perturbation) also need ``chain`` and ``output_loss`` and say so when they are missing.
+
+    Attributes:
+      loss_fn: ``loss_fn(params, batch)`` returning a floating-point scalar (or ``(scalar, aux)``, ``has_aux``).
+      chain: the model as blocks, a :class:`jaxalgo.models.ChainFn` (its ``apply(params, x)`` runs them all).
+      output_loss: ``output_loss(y_pred, y_true) -> scalar``, the mean over the batch.
+      loss_name: the name of ``output_loss`` in :data:`jaxalgo.losses.LOSSES` (F3 infers its output nonlinearity).
+      input_shape: the shape of one example, without the batch axis.
+      num_outputs: the model's output width.
+      train_targets: the training targets in sample-index order (F3's delayed-error buffer starts from them).
+      key: the estimator's own randomness (fixed feedback matrices, readouts), not the per-step key.
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    """
+
+    loss_fn: Callable[[Params, Batch], Any]
+    chain: Any = None
+    output_loss: Callable[[Any, Any], Any] | None = None
+    loss_name: str | None = None
+    input_shape: tuple[int, ...] | None = None
+    num_outputs: int | None = None
+    train_targets: Any = None
+    key: jax.Array | None = None
+    has_aux: bool = False
+
+    def __post_init__(self):
+        if not callable(self.loss_fn):
+            raise TypeError(f"loss_fn: expected a callable, got {type(self.loss_fn).__name__}")
+
+    def require(self, *fields: str, by: str) -> None:
+        """Raises ValueError naming the missing fields that estimator ``by`` needs."""
+        missing = [f for f in fields if getattr(self, f) is None]
+        if missing:
+            raise ValueError(
+                f"problem: {by} needs {', '.join(missing)}; build the Problem with them "
+                "(chain: jaxalgo.models.split_chain(model)[0], or jaxalgo.models.chain_of(block functions))"
+            )
+
+    def with_loss(self, loss_fn: Callable[[Params, Batch], Any]) -> Problem:
+        """The same problem with another loss (e.g. on the trainable part of the parameters)."""
+        return dataclasses.replace(self, loss_fn=loss_fn)
+
+    def with_chain(self, chain: Any) -> Problem:
+        """The same problem on another chain (OIALR after factorising): ``loss_fn`` follows the new chain."""
+        self.require("output_loss", by="with_chain")
+        output_loss = self.output_loss
+
+        def loss_fn(params, batch):
+            return output_loss(chain.apply(params, batch["x"]), batch["y"])
+
+        return dataclasses.replace(self, chain=chain, loss_fn=loss_fn)
+
+
+class EstimatorOptions(Protocol):
+    """What every estimator's options class provides (see :mod:`jaxalgo.options`).
+
+    ``data_parallel`` says whether :func:`jaxalgo.parallel.data_parallel` may run the estimator: False for the
+    estimators whose state is per run (F3's error buffer, the feedback matrices).
+    """
+
+    data_parallel: ClassVar[bool]
+
+    def build(self, problem: Problem) -> Estimator: ...
+
+
+def scalar_loss(value: Any) -> Any:
+    """The scalar of a loss that may be ``(loss, aux)``: the one place that convention is unpacked."""
+    return value[0] if isinstance(value, tuple) else value
 
 
 class EmptyState(NamedTuple):
@@ -136,3 +211,13 @@ def backprop(loss_fn: Callable[..., Any], *, has_aux: bool = False) -> Estimator
         return value, grads, state
 
     return Estimator(stateless_init, value_and_grad)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackpropOptions:
+    """Backprop: the exact gradient by reverse-mode autodiff (no options)."""
+
+    data_parallel: ClassVar[bool] = True
+
+    def build(self, problem: Problem) -> Estimator:
+        return backprop(problem.loss_fn, has_aux=problem.has_aux)
