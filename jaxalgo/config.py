@@ -1,13 +1,72 @@
-"""The run configuration shared by the CLI and :func:`jaxalgo.train.train_and_evaluate`."""
+"""The run configuration: a few core fields and one :class:`Choice` per family, generated from the catalogues.
+
+A family is a catalogue of named entries (:mod:`jaxalgo.options`): models, estimators, optimizers, parallel
+strategies and low-rank methods. A :class:`RunConfig` holds, for each family, the chosen name and an instance of
+that entry's options dataclass, which alone defines the defaults and the validation. The flat *flag view* of a
+configuration (``{"estimator": "frog", "tangents": 16, "daso_global_skip": 4, ...}``: the core fields, the family
+names and the chosen entries' free fields under their flag names) is what the command line parses, what
+checkpoints record and what :meth:`RunConfig.fingerprint` compares, so a refused ``--resume`` names the flag that
+differs.
+
+This module knows no algorithm: it only reads the catalogues.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
+from collections.abc import Callable, Mapping
 from typing import Any
 
-OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd", "momentum")
-TANGENT_DISTRIBUTIONS: tuple[str, ...] = ("gaussian", "rademacher", "rank1")
+from jaxalgo import grads, losses, lowrank, models, optimizers, parallel
+from jaxalgo.options import Entry, Flag, attribute_docs, check_fields, flags_of, from_flags, pick, to_flags
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One family of choices: its catalogue, how a name is looked up, and the noun of its errors.
+
+    Attributes:
+      name: the configuration field and flag (``estimator``).
+      default: the default entry's name.
+      lookup: ``lookup(name) -> Entry`` (models also take ``module:function``).
+      entries: the catalogue, for listing and ``--help``.
+      noun: what an unknown name is called in errors (``unknown mode 'x'``).
+    """
+
+    name: str
+    default: str
+    lookup: Callable[[str], Entry]
+    entries: Mapping[str, Entry]
+    noun: str
+
+
+def _catalogue_lookup(catalogue: Mapping[str, Entry], family: str, noun: str) -> Callable[[str], Entry]:
+    return lambda name: pick(catalogue, name, family=family, noun=noun)
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("model", "mlp", models.model_entry, models.MODELS, "model"),
+    Family(
+        "estimator",
+        "backprop",
+        _catalogue_lookup(grads.ESTIMATORS, "estimator", "estimator"),
+        grads.ESTIMATORS,
+        "estimator",
+    ),
+    Family(
+        "optimizer",
+        "adam",
+        _catalogue_lookup(optimizers.OPTIMIZERS, "optimizer", "optimizer"),
+        optimizers.OPTIMIZERS,
+        "optimizer",
+    ),
+    Family("parallel", "none", _catalogue_lookup(parallel.STRATEGIES, "parallel", "mode"), parallel.STRATEGIES, "mode"),
+    Family("lowrank", "none", _catalogue_lookup(lowrank.LOWRANK, "lowrank", "method"), lowrank.LOWRANK, "method"),
+)
+FAMILY_NAMES: tuple[str, ...] = tuple(f.name for f in FAMILIES)
 
 # Fields that may differ between a checkpointed run and the run that resumes it: they do not change what
 # a step computes.
@@ -17,218 +76,230 @@ RESUMABLE_FIELDS: frozenset[str] = frozenset(
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class Choice:
+    """A family's chosen entry: its name and its options (an instance of the entry's options class)."""
+
+    name: str
+    options: Any
+
+    def entry(self, family: Family) -> Entry:
+        return family.lookup(self.name)
+
+
+def _family(name: str) -> Family:
+    return FAMILIES[FAMILY_NAMES.index(name)]
+
+
+def _default_choice(family_name: str) -> Choice:
+    family = _family(family_name)
+    return Choice(family.default, family.lookup(family.default).make())
+
+
+def _choice_field(family_name: str):
+    return dataclasses.field(default_factory=lambda: _default_choice(family_name))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
     """Everything a training run depends on. Every field has a default that trains digits well.
 
+    The family fields (``model``, ``estimator``, ``optimizer``, ``parallel``, ``lowrank``) are :class:`Choice` s; a
+    bare name is accepted and takes the entry's default options. Build a configuration from flag values with
+    :meth:`from_flags` (``RunConfig.from_flags(estimator="frog", tangents=4, lr=10.0)``).
+
     Attributes:
-      model: model name, one of ``jaxalgo.models.MODELS``.
-      dataset: dataset name, one of ``jaxalgo.data.DATASETS``.
-      data_dir: directory with a user's local files (MNIST IDX, CIFAR-10 batches); unused for bundled sets.
-      estimator: gradient estimator name, one of ``jaxalgo.estimators.ESTIMATORS``.
-      optimizer: optax optimizer, one of :data:`OPTIMIZERS`.
-      lr: learning rate (> 0).
-      weight_decay: decoupled weight decay (adamw) or L2 added to the update (other optimizers); >= 0.
-      epochs: number of passes over the training split (>= 1).
-      batch_size: examples per step (1 <= batch_size <= training examples); the last partial batch is dropped.
-      seed: seeds the model init, the data order and every step's key.
-      hidden: MLP hidden widths.
-      activation: MLP activation.
-      vit_dim: ViT token width (4 attention heads, MLP width ``2 * vit_dim``); a positive multiple of 4.
-      vit_depth: ViT Transformer blocks (>= 1).
-      loss: output loss, one of ``jaxalgo.losses.LOSSES``, or "auto" (cross-entropy / MSE by task).
-      test_fraction: held-out fraction for the bundled data sets.
-      checkpoint_every: save a checkpoint every this many steps (0: at the end of each epoch only).
-      keep_checkpoints: how many checkpoints to keep.
-      log_every: steps between progress-bar updates (and finite-loss checks).
-      quiet: no progress bar and no table.
-      lowrank: low-rank training method, "none" or "oialr" (see :mod:`jaxalgo.lowrank`).
-      lowrank_delay: OIALR full-rank warm-up steps before conversion (>= 0).
-      lowrank_frequency: steps between OIALR stability checks (>= 1).
-      lowrank_cutoff: OIALR relative singular-value cutoff, in (0, 1).
-      lowrank_bucket_ratio: cut layers stay zero-padded until the stored factors exceed this ratio times the live
-        ones, then all are compacted (>= 1; 1 = exact shapes, a re-compilation per cut).
-      lowrank_rotate_moments: rotate the optimizer moments of S with the bases at each stability check.
-      parallel: data parallelism: "none" (one device), "ddp" (gradient all-reduce every step), "daso" or "ab".
-      mesh: devices as NODESxLOCAL, e.g. "2x4" (default with ddp/daso: one node per process; with ab: GROUPSxGROUP_SIZE,
-        default two groups).
-      parallel_reduce: what ddp (and DASO's node-local average) all-reduces: "auto" (only the k directional
-        derivatives for weight-perturbation forward gradients, else the gradients), "directional" or "gradients".
-      daso_global_skip: DASO steps between global averages after the warm-up (>= 1).
-      daso_batches_to_wait: DASO's S, steps until a global average is merged (0 <= S < daso_global_skip).
-      daso_warmup_epochs: DASO epochs with a blocking global average every step at the start.
-      daso_cooldown_epochs: the same at the end.
-      daso_merge_weight: w of DASO's merge (w S theta_local + sum theta_stale) / (w S + P).
-      daso_max_global_skip: global_skip after a plateau at global_skip 1.
-      daso_comm_dtype: wire dtype of DASO's global average (bfloat16, float16, float32).
-      daso_sharded: Horovod-style sharded global average (cross-node bytes / devices per node).
-      daso_adaptive: adapt global_skip and S on plateaus of the epoch loss.
-      ab_warmup_steps: AB-training: full-rank data-parallel steps before the first group phase (>= 0).
-      ab_steps_between_syncs: AB-training: steps per cycle (sync, data-parallel steps, re-SVD, group phase).
-      ab_ddp_steps_after_sync: AB-training: full-rank data-parallel steps after each sync (<= steps between syncs).
-      ab_sync_mode: AB-training sync: "full", "with-stale", "only-learned" or "only-b".
-      ab_cutoff: AB-training rank cut: keep singular values >= cutoff * s_0, in (0, 1).
-      ab_lr_rebound_steps: AB-training: steps of the learning-rate ramp after each transition (0: none).
-      ab_bucket_ratio: AB-training: ratio of the zero-padded rank buckets (1 = exact shapes).
-      tangents: number of tangents k of the forward-gradient estimators (>= 1).
-      f3_variant: the error F3 feeds back, one of ``jaxalgo.grads.F3_VARIANTS`` (estimator f3).
-      feedback_init: initialisation of the fixed feedback matrices of f3, dfa, drtp, fa and llo, one of
-        ``jaxalgo.grads.FEEDBACK_INITS``.
-      feedback_mode: "per_block" (each block's update right after its forward) or "surrogate" (one pure
-        objective); the same updates (f3, dfa, drtp, llo).
-      feedback_reduction: "sum" (the F3 reference's) or "mean" over the batch for hidden blocks' updates.
-      tangent_dist: tangent distribution of ``fg`` / ``frog``, one of :data:`TANGENT_DISTRIBUTIONS` (``fg-rank1`` /
-        ``frog-rank1`` are ``fg`` / ``frog`` with ``rank1``).
+      dataset: data set, one of jaxalgo.data.DATASETS, or a loader module:function returning a jaxalgo.data.Dataset
+        (called with seed, test_fraction and data_dir).
+      data_dir: directory with local files (mnist, fashion_mnist, cifar10).
+      test_fraction: held-out fraction of the bundled data sets, in (0, 1).
+      loss: output loss: auto (cross-entropy or MSE by task) or one of jaxalgo.losses.LOSSES.
+      epochs: passes over the training split (>= 1).
+      batch_size: examples per step (1 <= batch_size <= training examples; the last partial batch is dropped).
+      seed: seeds the model init, the data order, every step's key and the estimator's own randomness.
+      checkpoint_every: save a checkpoint every this many steps (0: every epoch); one is always saved at the end.
+      keep_checkpoints: how many checkpoints to keep (>= 1).
+      log_every: steps between progress-bar updates and finite-loss checks (>= 1).
+      quiet: no progress bar and no summary table.
+      model: the model and its options.
+      estimator: the gradient estimator and its options.
+      optimizer: the optax optimizer and its options.
+      parallel: the way of training on devices: none, ddp, daso or ab.
+      lowrank: the low-rank method: none or oialr.
     """
 
-    model: str = "mlp"
     dataset: str = "digits"
     data_dir: str | None = None
-    estimator: str = "backprop"
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
+    test_fraction: float = 0.2
+    loss: str = "auto"
     epochs: int = 20
     batch_size: int = 64
     seed: int = 0
-    hidden: tuple[int, ...] = (256, 256)
-    activation: str = "relu"
-    vit_dim: int = 64
-    vit_depth: int = 2
-    loss: str = "auto"
-    test_fraction: float = 0.2
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     log_every: int = 10
     quiet: bool = False
-    lowrank: str = "none"
-    lowrank_delay: int = 100
-    lowrank_frequency: int = 20
-    lowrank_cutoff: float = 0.15
-    lowrank_bucket_ratio: float = 1.25
-    lowrank_rotate_moments: bool = False
-    parallel: str = "none"
-    mesh: str = ""
-    parallel_reduce: str = "auto"
-    daso_global_skip: int = 4
-    daso_batches_to_wait: int = 1
-    daso_warmup_epochs: int = 4
-    daso_cooldown_epochs: int = 4
-    daso_merge_weight: float = 2.0
-    daso_max_global_skip: int = 8
-    daso_comm_dtype: str = "bfloat16"
-    daso_sharded: bool = False
-    daso_adaptive: bool = True
-    ab_warmup_steps: int = 50
-    ab_steps_between_syncs: int = 20
-    ab_ddp_steps_after_sync: int = 1
-    ab_sync_mode: str = "full"
-    ab_cutoff: float = 0.15
-    ab_lr_rebound_steps: int = 5
-    ab_bucket_ratio: float = 1.25
-    tangents: int = 16
-    f3_variant: str = "delayed_error"
-    feedback_init: str = "kaiming_uniform"
-    feedback_mode: str = "per_block"
-    feedback_reduction: str = "sum"
-    tangent_dist: str = "gaussian"
+    model: Choice = _choice_field("model")
+    estimator: Choice = _choice_field("estimator")
+    optimizer: Choice = _choice_field("optimizer")
+    parallel: Choice = _choice_field("parallel")
+    lowrank: Choice = _choice_field("lowrank")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+    def __post_init__(self):
+        for family in FAMILIES:
+            value = getattr(self, family.name)
+            if isinstance(value, str):
+                object.__setattr__(self, family.name, Choice(value, family.lookup(value).make()))
+            elif not isinstance(value, Choice):
+                raise ValueError(f"{family.name}: expected a name or a Choice, got {value!r}")
+            _check_choice(family, getattr(self, family.name))
+        _check_core(self)
+
+    # -- the flag view ------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(names))
+    def from_flags(cls, values: Mapping[str, Any] | None = None, /, *, strict: bool = True, **flags: Any) -> RunConfig:
+        """The configuration of flat flag values (absent ones take their defaults).
+
+        Args:
+          values, flags: core fields, family names (``estimator="frog"``) and option flags (``tangents=4``).
+          strict: refuse a flag that belongs to an entry that is not chosen (``mesh`` without ``parallel``) or that
+            the chosen entry pins to another value; ``False`` ignores them (old checkpoint records hold every field).
+
+        Raises:
+          ValueError: naming the flag, the value and what is allowed.
+        """
+        values = {**(values or {}), **flags}
+        core = {f.name for f in dataclasses.fields(cls) if f.name not in FAMILY_NAMES}
+        known = core | set(FAMILY_NAMES) | set(_every_flag())
+        unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"config: unknown field(s) {unknown}; allowed: {sorted(names)}")
-        converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return cls(**converted)
+            raise ValueError(f"config: unknown field(s) {unknown}; allowed: {sorted(known)}")
+        choices = {}
+        for family in FAMILIES:
+            name = values.get(family.name, family.default)
+            entry = family.lookup(name)
+            if strict:
+                _check_applicable(family, name, entry, values)
+            choices[family.name] = Choice(name, from_flags(entry, values))
+        return cls(**{k: v for k, v in values.items() if k in core}, **choices)
+
+    def flags(self) -> dict[str, Any]:
+        """The flat flag view: core fields, family names and the chosen entries' free fields (JSON-able)."""
+        view: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, Choice):
+                view[field.name] = value.name
+                view.update(to_flags(value.entry(_family(field.name)), value.options))
+            else:
+                view[field.name] = value
+        return view
+
+    def with_flags(self, **changes: Any) -> RunConfig:
+        """This configuration with some flags changed (a family changed to another entry drops the old entry's
+        flags): ``config.with_flags(estimator="f3", f3_variant="delayed_loss")``."""
+        view = self.flags()
+        for family in FAMILIES:
+            if family.name in changes and changes[family.name] != view[family.name]:
+                for flag in self.entry(family.name).flags:
+                    view.pop(flag.name, None)
+        return RunConfig.from_flags({**view, **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.flags()
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> RunConfig:
+        """The configuration of a recorded flag view (lenient: old records hold the fields of every entry)."""
+        return cls.from_flags(values, strict=False)
 
     def fingerprint(self) -> dict[str, Any]:
-        """The fields a checkpoint must agree on to be resumed by this config."""
-        return {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_FIELDS}
+        """The flags a checkpoint must agree on to be resumed by this config."""
+        return {k: v for k, v in self.flags().items() if k not in RESUMABLE_FIELDS}
+
+    def entry(self, family: str) -> Entry:
+        """The catalogue entry chosen for ``family`` (``config.entry("estimator")``)."""
+        return getattr(self, family).entry(_family(family))
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return list(value)
-    return value
+def _every_flag() -> dict[str, list[tuple[Family, str]]]:
+    """``{flag: [(family, entry name), ...]}`` over every entry of every family (pinned fields included)."""
+    owners: dict[str, list[tuple[Family, str]]] = {}
+    for family in FAMILIES:
+        for name, entry in family.entries.items():
+            for flag in flags_of(entry.options, entry.prefix):
+                owners.setdefault(flag.name, []).append((family, name))
+    return owners
 
 
-def validate_config(config: TrainConfig) -> None:
-    """Checks the fields that need no data or model to be checked; raises ValueError naming the field."""
-    from jaxalgo import losses
+def _check_applicable(family: Family, name: str, entry: Entry, values: Mapping[str, Any]) -> None:
+    """Refuses a flag of this family that the chosen entry does not take, or pins to another value."""
+    free = {f.name for f in entry.flags}
+    pinned = {f.name: f.path[0] for f in flags_of(entry.options, entry.prefix) if f.path[0] in entry.fixed}
+    for flag, owners in _every_flag().items():
+        if flag not in values or flag in free or all(owner is not family for owner, _ in owners):
+            continue
+        if flag in pinned:
+            fixed = entry.fixed[pinned[flag]]
+            if values[flag] == fixed:
+                continue
+            raise ValueError(
+                f"{flag}: {family.name} {name!r} always uses {fixed!r}, got {values[flag]!r}; choose another "
+                f"{family.name} (one that leaves {flag} free: "
+                f"{', '.join(n for f, n in owners if f is family and n != name)})"
+            )
+        if any(owner is not family for owner, _ in owners):
+            continue  # the flag also belongs to another family, which takes it
+        takers = ", ".join(n for _, n in owners)
+        raise ValueError(f"{flag}: {values[flag]!r} is given but {family.name} is {name!r}; it applies to {takers}")
 
-    if config.optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer: unknown optimizer {config.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
-    if not (isinstance(config.lr, int | float) and config.lr > 0):
-        raise ValueError(f"lr: must be a number > 0, got {config.lr!r}")
-    if config.weight_decay < 0:
-        raise ValueError(f"weight_decay: must be >= 0, got {config.weight_decay!r}")
-    if not (isinstance(config.epochs, int) and config.epochs >= 1):
-        raise ValueError(f"epochs: must be an integer >= 1, got {config.epochs!r}")
-    if not (isinstance(config.batch_size, int) and config.batch_size >= 1):
-        raise ValueError(f"batch_size: must be an integer >= 1, got {config.batch_size!r}")
-    if (
-        isinstance(config.vit_dim, bool)
-        or not isinstance(config.vit_dim, int)
-        or config.vit_dim < 4
-        or config.vit_dim % 4
-    ):
-        raise ValueError(f"vit_dim: must be a positive multiple of 4 (4 attention heads), got {config.vit_dim!r}")
-    if isinstance(config.vit_depth, bool) or not isinstance(config.vit_depth, int) or config.vit_depth < 1:
-        raise ValueError(f"vit_depth: must be an integer >= 1, got {config.vit_depth!r}")
-    if config.loss != "auto" and config.loss not in losses.LOSSES:
-        raise ValueError(f"loss: unknown loss {config.loss!r}; allowed: auto, {', '.join(losses.LOSSES)}")
+
+def _check_choice(family: Family, choice: Choice) -> None:
+    entry = family.lookup(choice.name)
+    if not isinstance(choice.options, entry.options):
+        raise ValueError(
+            f"{family.name}: {choice.name!r} takes {entry.options.__name__}, got {type(choice.options).__name__}"
+        )
+    for field, value in entry.fixed.items():
+        if getattr(choice.options, field) != value:
+            raise ValueError(f"{field}: {family.name} {choice.name!r} always uses {value!r}, got a different value")
+
+
+def _check_core(config: RunConfig) -> None:
+    """The core fields' types and ranges; raises ValueError naming the field."""
+    check_fields(config)
+    for name, low in (("epochs", 1), ("batch_size", 1), ("keep_checkpoints", 1), ("log_every", 1)):
+        if getattr(config, name) < low:
+            raise ValueError(f"{name}: must be an integer >= {low}, got {getattr(config, name)!r}")
     if config.checkpoint_every < 0:
         raise ValueError(f"checkpoint_every: must be >= 0 (0 = every epoch), got {config.checkpoint_every!r}")
-    if config.keep_checkpoints < 1:
-        raise ValueError(f"keep_checkpoints: must be >= 1, got {config.keep_checkpoints!r}")
-    if config.log_every < 1:
-        raise ValueError(f"log_every: must be >= 1, got {config.log_every!r}")
-    if config.lowrank != "none" and config.parallel != "none":
-        raise ValueError(f"lowrank: {config.lowrank!r} runs on one device only; got parallel={config.parallel!r}")
-    if isinstance(config.tangents, bool) or not isinstance(config.tangents, int) or config.tangents < 1:
-        raise ValueError(f"tangents: must be an integer >= 1, got {config.tangents!r}")
-    if config.tangent_dist not in TANGENT_DISTRIBUTIONS:
-        raise ValueError(
-            f"tangent_dist: unknown tangent distribution {config.tangent_dist!r}; "
-            f"allowed: {', '.join(TANGENT_DISTRIBUTIONS)}"
-        )
-    if config.estimator.endswith("-rank1") and config.tangent_dist not in ("gaussian", "rank1"):
-        raise ValueError(
-            f"tangent_dist: {config.estimator!r} always uses rank-1 tangents, got tangent_dist="
-            f"{config.tangent_dist!r}; use --estimator {config.estimator.removesuffix('-rank1')} "
-            f"--tangent-dist {config.tangent_dist}"
-        )
-    if not 0.0 < config.test_fraction < 1.0:
+    if not (math.isfinite(config.test_fraction) and 0.0 < config.test_fraction < 1.0):
         raise ValueError(f"test_fraction: must be in (0, 1), got {config.test_fraction!r}")
-    _validate_feedback_fields(config)
-    from jaxalgo.lowrank import oialr_config_from_train_config
-
-    oialr_config_from_train_config(config)  # raises naming the lowrank_* field
+    if config.loss != "auto" and config.loss not in losses.LOSSES:
+        raise ValueError(f"loss: unknown loss {config.loss!r}; allowed: auto, {', '.join(losses.LOSSES)}")
 
 
-def _validate_feedback_fields(config: TrainConfig) -> None:
-    from jaxalgo.grads._f3 import F3_VARIANTS, HIDDEN_REDUCTIONS, MODES
-    from jaxalgo.grads._f3_build import FEEDBACK_ESTIMATORS
-    from jaxalgo.grads._feedback import FEEDBACK_INITS
-
-    for field, allowed in (
-        ("f3_variant", F3_VARIANTS),
-        ("feedback_init", FEEDBACK_INITS),
-        ("feedback_mode", MODES),
-        ("feedback_reduction", HIDDEN_REDUCTIONS),
-    ):
-        value = getattr(config, field)
-        if value not in allowed:
-            raise ValueError(f"{field}: got {value!r}; allowed: {', '.join(allowed)}")
-    if config.estimator in FEEDBACK_ESTIMATORS and config.parallel != "none":
-        raise ValueError(
-            f"parallel: estimator {config.estimator!r} runs on one device only (its feedback state is per run); "
-            f"got parallel={config.parallel!r}"
-        )
+_CORE: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in FAMILY_NAMES)
 
 
-def dumps(config: TrainConfig) -> str:
+def core_flags():
+    """The flags of the core fields (for the command line), with their docstring help."""
+    hints, docs = typing.get_type_hints(RunConfig), attribute_docs(RunConfig)
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    return tuple(Flag(name, (name,), hints[name], fields[name].default, docs.get(name, "")) for name in _CORE)
+
+
+def dumps(config: RunConfig) -> str:
     return json.dumps(config.to_dict(), sort_keys=True)
+
+
+__all__ = [
+    "FAMILIES",
+    "FAMILY_NAMES",
+    "RESUMABLE_FIELDS",
+    "Choice",
+    "Family",
+    "RunConfig",
+    "core_flags",
+    "dumps",
+]

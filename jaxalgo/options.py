@@ -22,8 +22,10 @@ This module knows no algorithm.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
+import importlib
 import re
 import types
 import typing
@@ -100,11 +102,26 @@ class Entry:
 Catalogue = Mapping[str, Entry]
 
 
-def pick(catalogue: Catalogue, name: Any, *, family: str) -> Entry:
+def pick(catalogue: Catalogue, name: Any, *, family: str, noun: str | None = None) -> Entry:
     """The entry called ``name``, or a ValueError naming the family, the value and the allowed names."""
     if not isinstance(name, str) or name not in catalogue:
-        raise ValueError(f"{family}: unknown {family} {name!r}; allowed: {', '.join(catalogue)}")
+        raise ValueError(f"{family}: unknown {noun or family} {name!r}; allowed: {', '.join(catalogue)}")
     return catalogue[name]
+
+
+def import_object(target: str, *, argument: str) -> Any:
+    """The callable named ``"package.module:attribute"``; a ValueError naming ``argument`` when it cannot be had."""
+    module_name, sep, attribute = target.partition(":")
+    if not (sep and module_name and attribute):
+        raise ValueError(f"{argument}: expected 'module:function', got {target!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"{argument}: cannot import module {module_name!r} of {target!r} ({error})") from None
+    found = getattr(module, attribute, None)
+    if not callable(found):
+        raise ValueError(f"{argument}: module {module_name!r} has no callable {attribute!r}")
+    return found
 
 
 # -- fields, types and docstrings -----------------------------------------------------------------------------------
@@ -121,8 +138,15 @@ def _init_fields(cls: type) -> tuple[dataclasses.Field, ...]:
 
 @functools.cache
 def attribute_docs(cls: type) -> dict[str, str]:
-    """``{field: text}`` from the ``Attributes:`` section of a class docstring (continuation lines joined)."""
-    doc = cls.__doc__ or ""
+    """``{field: text}`` from the ``Attributes:`` sections of a class's docstring and its bases' (continuation lines
+    joined; a subclass's line wins)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        docs.update(_own_attribute_docs(klass.__dict__.get("__doc__") or ""))
+    return docs
+
+
+def _own_attribute_docs(doc: str) -> dict[str, str]:
     _, found, section = doc.partition("Attributes:")
     if not found:
         return {}
@@ -182,7 +206,7 @@ def describe(tp: Any) -> str:
     """What values a type allows, in words."""
     inner, optional = _optional(tp)
     if typing.get_origin(inner) is Literal:
-        text = "one of " + ", ".join(repr(a) for a in typing.get_args(inner))
+        text = ", ".join(str(a) for a in typing.get_args(inner))
     elif typing.get_origin(inner) is tuple:
         text = "a sequence of integers" if typing.get_args(inner)[0] is int else "a sequence"
     else:
@@ -282,6 +306,17 @@ def _build(cls: type, flags: tuple[Flag, ...], values: Mapping[str, Any], fixed:
         raise _renamed(error, names) from None
 
 
+@contextlib.contextmanager
+def errors_as_flags(entry: Entry):
+    """Re-raises a ValueError whose leading ``field:`` is one of ``entry``'s fields under the field's flag name
+    (for errors raised while building from the options, e.g. a ViT's patch size that does not divide the image)."""
+    names = {f.path[-1]: f.name for f in entry.flags}
+    try:
+        yield
+    except ValueError as error:
+        raise _renamed(error, names) from None
+
+
 def from_flags(entry: Entry, values: Mapping[str, Any]) -> Any:
     """``entry``'s options from flat flag values (absent flags take their defaults). A validation error names
     the flag (``daso_global_skip: ...``), not the field."""
@@ -348,8 +383,10 @@ __all__ = [
     "check_fields",
     "conforms",
     "describe",
+    "errors_as_flags",
     "flags_of",
     "from_flags",
+    "import_object",
     "is_options_class",
     "jsonable",
     "option",

@@ -1,214 +1,123 @@
-"""The training loop: any estimator with any optax optimizer, resumable exactly from its checkpoints.
+"""The training driver: epochs, checkpoints, metrics and progress around any runner.
 
-``train_and_evaluate(config, workdir)`` is the whole job the CLI runs. Its pieces are public so that scripts and
-notebooks can assemble their own loops:
+``train_and_evaluate(config, workdir)`` is the whole job the CLI runs:
 
-- :func:`setup` validates the configuration, loads the data, builds the model, the estimator and the optimizer,
-  raising any error before training starts;
-- :func:`make_train_step` is one jit-compiled step with the train state donated; the step's key is
-  ``jax.random.fold_in(run_key, step)``, so a resumed run draws exactly what an uninterrupted one would;
-- :func:`make_evaluate` computes the test metrics.
+- :func:`setup` validates the configuration, loads the data, builds the model, the estimator and the optimizer
+  from the chosen catalogue entries, raising any error before training starts;
+- :func:`make_runner` asks the chosen low-rank method and strategy for the runner (:mod:`jaxalgo.runner`);
+- the loop calls only the runner protocol, so it is the same for every estimator, strategy and low-rank method.
+
+The reusable pieces (train state, the jit-compiled step, evaluation) live in :mod:`jaxalgo.runner` and are
+re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from tqdm.auto import tqdm
 
 from jaxalgo import data, losses, models
 from jaxalgo.checkpoint import Checkpointer, check_record_matches
-from jaxalgo.config import TrainConfig, validate_config
-from jaxalgo.estimators import EstimatorContext, build_estimator, check_estimator_name
-from jaxalgo.grads import Estimator
+from jaxalgo.config import RunConfig
+from jaxalgo.grads import Problem
+from jaxalgo.options import errors_as_flags
+from jaxalgo.runner import (
+    Experiment,
+    Runner,
+    TrainState,
+    make_evaluate,
+    make_loss_fn,
+    make_train_step,
+    run_keys,
+)
 
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
-
-
-class TrainState(NamedTuple):
-    """Everything that changes during training; a pytree, donated to the step and saved in checkpoints."""
-
-    step: jax.Array
-    params: Any
-    estimator_state: Any
-    opt_state: Any
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Experiment:
-    """A configured run: data, model, estimator and optimizer, all validated."""
-
-    config: TrainConfig
-    dataset: data.Dataset
-    chain: models.ChainFn
-    init_params: Any
-    output_loss: losses.OutputLoss
-    loss_fn: Callable[[Any, Any], jax.Array]
-    estimator: Estimator
-    optimizer: optax.GradientTransformation
-    run_key: jax.Array
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return data.steps_per_epoch(self.dataset.num_train, self.config.batch_size)
-
-    @property
-    def total_steps(self) -> int:
-        return self.steps_per_epoch * self.config.epochs
-
-    def init_state(self) -> TrainState:
-        params = self.init_params
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            estimator_state=self.estimator.init(params),
-            opt_state=self.optimizer.init(params),
+def check_capabilities(config: RunConfig) -> None:
+    """Refuses combinations the chosen entries declare they cannot run (by capability, never by name)."""
+    strategy, estimator = config.parallel.options, config.estimator.options
+    if not type(strategy).single_device and not type(estimator).data_parallel:
+        raise ValueError(
+            f"parallel: estimator {config.estimator.name!r} runs on one device only (its estimator state is per "
+            f"run); got parallel={config.parallel.name!r}"
         )
+    if config.lowrank.name != "none":
+        try:
+            config.lowrank.options.check(strategy)
+        except ValueError:
+            raise ValueError(
+                f"lowrank: {config.lowrank.name!r} runs on one device only; got parallel={config.parallel.name!r}"
+            ) from None
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """The optax optimizer named by ``config.optimizer`` at rate ``config.lr``."""
-    if config.optimizer == "adamw":
-        return optax.adamw(config.lr, weight_decay=config.weight_decay)
-    base = {
-        "adam": lambda: optax.adam(config.lr),
-        "sgd": lambda: optax.sgd(config.lr),
-        "momentum": lambda: optax.sgd(config.lr, momentum=0.9),
-    }[config.optimizer]()
-    if config.weight_decay > 0:
-        return optax.chain(optax.add_decayed_weights(config.weight_decay), base)
-    return base
-
-
-def make_loss_fn(chain: models.ChainFn, output_loss: losses.OutputLoss) -> Callable[[Any, Any], jax.Array]:
-    """``loss_fn(params, batch) = output_loss(chain(params, batch["x"]), batch["y"])``."""
-
-    def loss_fn(params, batch):
-        return output_loss(chain.apply(params, batch["x"]), batch["y"])
-
-    return loss_fn
-
-
-def _seeds(seed: int) -> tuple[jax.Array, int, jax.Array]:
-    """Independent streams from one seed: model init key, data-order seed, per-step run key."""
-    root = jax.random.key(seed)
-    data_seed = int(jax.random.randint(jax.random.fold_in(root, 1), (), 0, 2**31 - 1))
-    return jax.random.fold_in(root, 0), data_seed, jax.random.fold_in(root, 2)
-
-
-def setup(config: TrainConfig) -> Experiment:
-    """Validates ``config`` and builds the run; every configuration error is raised here, before training."""
-    validate_config(config)
-    check_estimator_name(config.estimator)
-    from jaxalgo.parallel._train import check_parallel_config
-
-    check_parallel_config(config)
-    if config.model not in models.MODELS:
-        raise ValueError(f"model: unknown model {config.model!r}; allowed: {', '.join(models.MODELS)}")
-    dataset = data.load_dataset(
-        config.dataset, data_dir=config.data_dir, seed=config.seed, test_fraction=config.test_fraction
-    )
-    data.validate_batch_size(config.batch_size, dataset.num_train)
-    init_key, _, run_key = _seeds(config.seed)
-    options = {
-        "mlp": {"hidden": config.hidden, "activation": config.activation},
-        "vit": {"dim": config.vit_dim, "depth": config.vit_depth, "heads": 4, "mlp_dim": 2 * config.vit_dim},
-    }.get(config.model, {})
-    chain_module = models.build_model(
-        config.model,
-        input_shape=dataset.input_shape,
-        num_outputs=dataset.num_outputs,
-        key=init_key,
-        **options,
-    )
-    chain, params = models.split_chain(chain_module)
+def _output_loss(config: RunConfig, dataset: data.Dataset) -> tuple[str, losses.OutputLoss]:
     loss_name = losses.default_loss(dataset.task) if config.loss == "auto" else config.loss
     if dataset.task == "regression" and loss_name != "mse":
         raise ValueError(f"loss: {loss_name!r} is a classification loss; dataset {dataset.name!r} is regression")
     if dataset.task == "classification" and loss_name == "mse":
         raise ValueError(f"loss: 'mse' is a regression loss; dataset {dataset.name!r} is classification")
-    output_loss = losses.get_loss(loss_name)
-    loss_fn = make_loss_fn(chain, output_loss)
-    estimator = build_estimator(
-        EstimatorContext(config=config, chain=chain, output_loss=output_loss, loss_fn=loss_fn, dataset=dataset)
+    return loss_name, losses.get_loss(loss_name)
+
+
+def setup(config: RunConfig) -> Experiment:
+    """Validates ``config`` and builds the run; every configuration error is raised here, before training."""
+    if not isinstance(config, RunConfig):
+        raise TypeError(f"config: expected a jaxalgo.config.RunConfig, got {type(config).__name__}")
+    check_capabilities(config)
+    with errors_as_flags(config.entry("parallel")):
+        config.parallel.options.check(config.estimator.options, batch_size=config.batch_size, devices=jax.devices())
+    dataset = data.load_dataset(
+        config.dataset, data_dir=config.data_dir, seed=config.seed, test_fraction=config.test_fraction
     )
+    data.validate_batch_size(config.batch_size, dataset.num_train)
+    keys = run_keys(config.seed)
+    with errors_as_flags(config.entry("model")):
+        module = config.model.options.build(dataset.input_shape, dataset.num_outputs, key=keys.init)
+    chain, params = models.split_chain(module)
+    loss_name, output_loss = _output_loss(config, dataset)
+    problem = Problem.from_chain(
+        chain,
+        output_loss,
+        loss_name=loss_name,
+        input_shape=tuple(dataset.input_shape),
+        num_outputs=dataset.num_outputs,
+        train_targets=dataset.y_train,
+        key=keys.estimator,
+    )
+    with errors_as_flags(config.entry("estimator")):
+        estimator = config.estimator.options.build(problem)
+    optimizer = config.optimizer.options
     return Experiment(
-        config=config,
+        problem=problem,
         dataset=dataset,
-        chain=chain,
         init_params=params,
-        output_loss=output_loss,
-        loss_fn=loss_fn,
         estimator=estimator,
-        optimizer=make_optimizer(config),
-        run_key=run_key,
+        estimator_options=config.estimator.options,
+        optimizer=optimizer.build(),
+        lr=optimizer.lr,
+        batch_size=config.batch_size,
+        epochs=config.epochs,
+        run_key=keys.step,
     )
 
 
-def make_train_step(
-    estimator: Estimator, optimizer: optax.GradientTransformation
-) -> Callable[[TrainState, Any, jax.Array], tuple[TrainState, jax.Array]]:
-    """One jit-compiled training step ``(state, batch, run_key) -> (state, loss)``; ``state`` is donated.
-
-    The estimator's key for step ``s`` is ``jax.random.fold_in(run_key, s)``.
-    """
-
-    def step(state: TrainState, batch: Any, run_key: jax.Array) -> tuple[TrainState, jax.Array]:
-        key = jax.random.fold_in(run_key, state.step)
-        loss, grads, estimator_state = estimator.value_and_grad(state.params, state.estimator_state, batch, key=key)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        scalar_loss = loss[0] if isinstance(loss, tuple) else loss
-        return TrainState(state.step + 1, params, estimator_state, opt_state), scalar_loss
-
-    return jax.jit(step, donate_argnums=0)
-
-
-def make_evaluate(
-    chain: models.ChainFn, output_loss: losses.OutputLoss, dataset: data.Dataset, *, chunk: int = 2048
-) -> Callable[[Any], dict[str, float]]:
-    """``evaluate(params) -> {"test_loss", "test_accuracy" | "test_mae"}`` on the test split.
-
-    The regression MAE is reported in the original units of the target (``dataset.target_std``).
-    """
-
-    @jax.jit
-    def sums(params, x, y):
-        out = chain.apply(params, x)
-        loss = output_loss(out, y) * x.shape[0]
-        if dataset.task == "classification":
-            metric = losses.accuracy(out, y) * x.shape[0]
-        else:
-            scale = 1.0 if dataset.target_std is None else jnp.asarray(dataset.target_std)
-            metric = losses.mean_absolute_error(out, y, scale) * x.shape[0]
-        return loss, metric
-
-    def evaluate(params) -> dict[str, float]:
-        total_loss, total_metric = 0.0, 0.0
-        n = dataset.num_test
-        for start in range(0, n, chunk):
-            loss, metric = sums(params, dataset.x_test[start : start + chunk], dataset.y_test[start : start + chunk])
-            total_loss += float(loss)
-            total_metric += float(metric)
-        name = "test_accuracy" if dataset.task == "classification" else "test_mae"
-        return {"test_loss": total_loss / n, name: total_metric / n}
-
-    return evaluate
+def make_runner(config: RunConfig, experiment: Experiment) -> Runner:
+    """The runner of the chosen low-rank method on the chosen strategy."""
+    return config.lowrank.options.make_runner(experiment, config.parallel.options)
 
 
 def _prepare_workdir(workdir: str | os.PathLike) -> str:
@@ -237,7 +146,7 @@ def _append_metrics(path: str, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike, *, resume: bool = False) -> dict[str, Any]:
+def train_and_evaluate(config: RunConfig, workdir: str | os.PathLike, *, resume: bool = False) -> dict[str, Any]:
     """Trains as configured, evaluating every epoch; returns the final evaluation record.
 
     Metrics are appended as JSON lines to ``workdir/metrics.jsonl`` (the last line is the final evaluation);
@@ -251,48 +160,39 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike, *, resum
     """
     workdir = _prepare_workdir(workdir)
     experiment = setup(config)
-    runner = _make_runner(experiment)
+    runner = make_runner(config, experiment)
     checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=config.keep_checkpoints)
     metrics_path = os.path.join(workdir, METRICS_FILE)
-    lowrank_hook = _lowrank_hook(experiment, metrics_path)
     try:
         state, elapsed = _initial_state(
-            experiment, checkpointer, runner, resume=resume, metrics_path=metrics_path, lowrank_hook=lowrank_hook
+            config, experiment, checkpointer, runner, resume=resume, metrics_path=metrics_path
         )
-        return _run(experiment, state, elapsed, checkpointer, metrics_path, runner, lowrank_hook)
+        return _run(config, experiment, state, elapsed, checkpointer, metrics_path, runner)
     finally:
         checkpointer.close()
 
 
-def _lowrank_hook(experiment: Experiment, metrics_path: str) -> Any:
-    """The OIALR hook (``jaxalgo.lowrank.OIALRTrainer``) when ``config.lowrank`` asks for one, else None."""
-    if experiment.config.lowrank == "none":
-        return None
-    from jaxalgo import lowrank
-
-    return lowrank.OIALRTrainer(
-        experiment,
-        lowrank.oialr_config_from_train_config(experiment.config),
-        log=lambda record: _append_metrics(metrics_path, record),
-    )
-
-
-def _make_runner(experiment: Experiment):
-    """Single-device, DDP or DASO steps (``config.parallel``); see ``jaxalgo.parallel._train``."""
-    from jaxalgo.parallel._train import make_runner
-
-    return make_runner(experiment)
+def _saved_fingerprint(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with its fingerprint in today's flag view (records of older versions hold every field)."""
+    saved = record.get("config_fingerprint")
+    if saved is None:
+        return record
+    try:
+        normalized = RunConfig.from_dict(saved).fingerprint()
+    except (ValueError, TypeError):
+        return record  # a field this version does not know: compared as recorded, and reported
+    return {**record, "config_fingerprint": normalized}
 
 
 def _initial_state(
+    config: RunConfig,
     experiment: Experiment,
     checkpointer: Checkpointer,
-    runner: Any,
+    runner: Runner,
     *,
     resume: bool,
     metrics_path: str,
-    lowrank_hook: Any = None,
-) -> tuple[TrainState, float]:
+) -> tuple[Any, float]:
     fresh = runner.init(experiment.init_state())
     latest = checkpointer.latest_step()
     if latest is None:
@@ -305,40 +205,33 @@ def _initial_state(
             f"{latest}); pass --resume to continue that run, or choose a new --workdir"
         )
     record = checkpointer.read_record(latest)
-    check_record_matches(record, experiment.config.fingerprint(), checkpointer.directory)
-    if lowrank_hook is not None:  # the checkpoint may hold factorised, rank-cut arrays
-        fresh = lowrank_hook.restore_target(record, fresh)
-    elif hasattr(runner, "restore_target"):  # AB-training: factors stored at the checkpoint's ranks
-        fresh = runner.restore_target(record, fresh)
-    state = checkpointer.restore(latest, fresh)
+    check_record_matches(_saved_fingerprint(record), config.fingerprint(), checkpointer.directory)
+    state = checkpointer.restore(latest, runner.restore_target(record, fresh))
     if runner.is_primary:
         _trim_metrics(metrics_path, latest)
     return state, float(record.get("elapsed_seconds", 0.0))
 
 
 def _run(
+    config: RunConfig,
     experiment: Experiment,
-    state: TrainState,
+    state: Any,
     elapsed: float,
     checkpointer: Checkpointer,
     metrics_path: str,
-    runner: Any,
-    lowrank_hook: Any = None,
+    runner: Runner,
 ) -> dict[str, Any]:
-    config = experiment.config
-    if lowrank_hook is None:
-        train_step = runner.step
-        plain_evaluate = make_evaluate(experiment.chain, experiment.output_loss, experiment.dataset)
-        evaluate = lambda state: plain_evaluate(runner.eval_params(state))
-    else:  # OIALR swaps model, step and evaluation when it factorises the model (single device only)
-        train_step = lambda state, batch, step: lowrank_hook.train_step(state, batch, experiment.run_key)
-        evaluate = lambda state: lowrank_hook.evaluate(state.params)
     spe, total = experiment.steps_per_epoch, experiment.total_steps
-    _, data_seed, _ = _seeds(config.seed)
+    data_seed = run_keys(config.seed).data_seed
     step = int(state.step)
     started = time.perf_counter() - elapsed
 
-    def save(state: TrainState, step: int) -> None:
+    def log_events() -> None:
+        for event in runner.events():
+            if runner.is_primary:
+                _append_metrics(metrics_path, event)
+
+    def save(state: Any, step: int) -> None:
         if not bool(_all_finite(state.params)):
             raise NonFiniteLossError(
                 f"parameters became NaN or infinite by step {step}; training stopped. The last good checkpoint "
@@ -348,11 +241,8 @@ def _run(
             "config": config.to_dict(),
             "config_fingerprint": config.fingerprint(),
             "elapsed_seconds": time.perf_counter() - started,
+            **runner.record(state),
         }
-        if lowrank_hook is not None:
-            record.update(lowrank_hook.record())
-        if hasattr(runner, "record"):
-            record.update(runner.record(state))
         checkpointer.save(step, state, record)
 
     def check_finite(loss: jax.Array, step: int) -> float:
@@ -368,8 +258,8 @@ def _run(
     interactive = sys.stderr.isatty() and not config.quiet
     progress = tqdm(total=total, initial=step, disable=not interactive, unit="step", dynamic_ncols=True)
     losses_in_epoch: list[jax.Array] = []
-    if lowrank_hook is not None:
-        state = lowrank_hook.after_step(step, state)  # delay 0: convert before the first step
+    state = runner.after_step(step, state)  # e.g. OIALR with delay 0 converts before the first step
+    log_events()
     try:
         while step < total:
             epoch, offset = divmod(step, spe)
@@ -377,10 +267,10 @@ def _run(
                 experiment.dataset, config.batch_size, seed=data_seed, epoch=epoch, start_step=offset
             )
             for batch in batches:
-                state, loss = train_step(state, batch, step)
+                state, loss = runner.step(state, batch, step)
                 step += 1
-                if lowrank_hook is not None:
-                    state = lowrank_hook.after_step(step, state)
+                state = runner.after_step(step, state)
+                log_events()
                 losses_in_epoch.append(loss)
                 if step % config.log_every == 0:
                     progress.set_postfix(epoch=epoch + 1, loss=f"{check_finite(loss, step):.4f}")
@@ -391,19 +281,15 @@ def _run(
             train_loss = check_finite(jnp.mean(jnp.stack(losses_in_epoch)), step)
             losses_in_epoch.clear()
             state = runner.end_epoch(state, epoch, train_loss)
-            record = {"step": step, "epoch": epoch + 1, "train_loss": train_loss, **evaluate(state)}
+            record = {"step": step, "epoch": epoch + 1, "train_loss": train_loss, **runner.evaluate(state)}
             record.update(runner.epoch_metrics())
-            if lowrank_hook is not None:
-                record.update(lowrank_hook.metrics())
             record["seconds"] = time.perf_counter() - started
             if runner.is_primary:
                 _append_metrics(metrics_path, record)
             save(state, step)
     finally:
         progress.close()
-    final = {"final": True, "step": step, "epoch": config.epochs, **evaluate(state)}
-    if lowrank_hook is not None:
-        final.update(lowrank_hook.metrics())
+    final = {"final": True, "step": step, "epoch": config.epochs, **runner.evaluate(state)}
     final.update(runner.final_metrics())
     final.update(steps=step, seconds=time.perf_counter() - started)
     if runner.is_primary:
@@ -419,9 +305,9 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def format_summary(config: TrainConfig, final: dict[str, Any]) -> str:
+def format_summary(config: RunConfig, final: dict[str, Any]) -> str:
     """A short table of the final evaluation."""
-    rows = [("model", config.model), ("dataset", config.dataset), ("estimator", config.estimator)]
+    rows = [("model", config.model.name), ("dataset", config.dataset), ("estimator", config.estimator.name)]
     if "test_accuracy" in final:
         rows.append(("test accuracy", f"{100 * final['test_accuracy']:.2f}%"))
     if "test_mae" in final:
@@ -437,7 +323,7 @@ def format_summary(config: TrainConfig, final: dict[str, Any]) -> str:
     return "\n".join([rule, *lines, rule])
 
 
-def load_final_params(workdir: str | os.PathLike, config: TrainConfig) -> TrainState:
+def load_final_params(workdir: str | os.PathLike, config: RunConfig) -> TrainState:
     """The train state of the latest checkpoint in ``workdir`` (restored into this config's structure)."""
     experiment = setup(config)
     checkpointer = Checkpointer(os.path.join(os.fspath(workdir), CHECKPOINT_DIR))
@@ -445,13 +331,8 @@ def load_final_params(workdir: str | os.PathLike, config: TrainConfig) -> TrainS
         latest = checkpointer.latest_step()
         if latest is None:
             raise FileNotFoundError(f"workdir: no checkpoint in {os.fspath(workdir)!r}")
-        runner = _make_runner(experiment)
-        like = runner.init(experiment.init_state())
-        lowrank_hook = _lowrank_hook(experiment, os.devnull)
-        if lowrank_hook is not None:  # factorised, rank-cut shapes recorded in the checkpoint
-            like = lowrank_hook.restore_target(checkpointer.read_record(latest), like)
-        elif hasattr(runner, "restore_target"):
-            like = runner.restore_target(checkpointer.read_record(latest), like)
+        runner = make_runner(config, experiment)
+        like = runner.restore_target(checkpointer.read_record(latest), runner.init(experiment.init_state()))
         return checkpointer.restore(latest, like)
     finally:
         checkpointer.close()
@@ -461,11 +342,12 @@ __all__ = [
     "Experiment",
     "NonFiniteLossError",
     "TrainState",
+    "check_capabilities",
     "format_summary",
     "load_final_params",
     "make_evaluate",
     "make_loss_fn",
-    "make_optimizer",
+    "make_runner",
     "make_train_step",
     "setup",
     "train_and_evaluate",

@@ -22,7 +22,7 @@ from _two_processes import run_cli_in_two_processes, run_two_processes
 
 from jaxalgo import losses, models
 from jaxalgo import parallel as par
-from jaxalgo.config import TrainConfig
+from jaxalgo.config import RunConfig
 from jaxalgo.grads import backprop
 from jaxalgo.train import make_train_step, train_and_evaluate
 
@@ -307,9 +307,9 @@ def test_bad_input_is_refused_with_clear_errors():
     with pytest.raises(ValueError, match="ddp_steps_after_sync: 5 must be <= steps_between_syncs = 4"):
         par.ABConfig(steps_between_syncs=4, ddp_steps_after_sync=5)
     with pytest.raises(ValueError, match="mesh: 1 groups is an odd number"):
-        train_and_evaluate(TrainConfig(parallel="ab", mesh="1x8", quiet=True), "/tmp/never-created-ab")
+        train_and_evaluate(RunConfig.from_flags(parallel="ab", mesh="1x8", quiet=True), "/tmp/never-created-ab")
     with pytest.raises(ValueError, match="cutoff"):
-        train_and_evaluate(TrainConfig(parallel="ab", ab_cutoff=1.0, quiet=True), "/tmp/never-created-ab")
+        train_and_evaluate(RunConfig.from_flags(parallel="ab", ab_cutoff=1.0, quiet=True), "/tmp/never-created-ab")
 
 
 def test_schedule_and_learning_rate_rebound():
@@ -328,7 +328,7 @@ AB_RUN |= {"ab_ddp_steps_after_sync": 1}
 
 
 def test_resume_in_the_group_phase_at_cut_ranks_equals_the_uninterrupted_run(tmp_path):
-    config = TrainConfig(
+    config = RunConfig.from_flags(
         **AB_RUN, hidden=(32,), lr=3e-3, ab_warmup_steps=4, ab_steps_between_syncs=6, checkpoint_every=16,
         keep_checkpoints=10,
     )  # fmt: skip
@@ -351,7 +351,9 @@ def test_metrics_carry_the_bytes_sent_per_step(tmp_path):
     """Epoch 1 is warm-up (DDP's bytes); epoch 2 is one data-parallel step, a re-SVD (no device traffic) and ten
     group steps at the cut rank. Oracle: parameter counts of the 64-128-10 MLP (its 64 x 128 kernel is factorised;
     the 128 x 10 one is too skinny and is shared like the biases)."""
-    config = TrainConfig(**AB_RUN, hidden=(128,), ab_warmup_steps=11, ab_steps_between_syncs=11, ab_bucket_ratio=1.0)
+    config = RunConfig.from_flags(
+        **AB_RUN, hidden=(128,), ab_warmup_steps=11, ab_steps_between_syncs=11, ab_bucket_ratio=1.0
+    )
     out = train_and_evaluate(config, tmp_path)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     rank = int(host(out["state"].ranks["0/linear"]))  # set by the one re-SVD of epoch 2

@@ -15,7 +15,7 @@ import pytest
 import jaxalgo
 import jaxalgo.losses
 import jaxalgo.parallel
-from jaxalgo.config import TrainConfig
+from jaxalgo.config import RunConfig
 from jaxalgo.grads import activity_forward_gradient, sample_activity_tangents
 from jaxalgo.train import train_and_evaluate
 
@@ -309,6 +309,8 @@ def test_bad_inputs_name_the_argument():
 
 
 def test_frog_activity_learns_digits_from_the_command_line_registry(tmp_path):
-    config = TrainConfig(estimator="frog-activity", tangents=16, optimizer="adam", lr=1e-3, epochs=5, quiet=True)
+    config = RunConfig.from_flags(
+        estimator="frog-activity", tangents=16, optimizer="adam", lr=1e-3, epochs=5, quiet=True
+    )
     final = train_and_evaluate(config, tmp_path)
     assert final["test_accuracy"] >= 0.90

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from jaxalgo import cli
-from jaxalgo.config import TrainConfig
+from jaxalgo.config import RunConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,18 +25,36 @@ def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
 
 def test_every_config_field_has_a_flag_and_defaults_match():
     args = cli.build_parser().parse_args(["train"])
-    assert cli.config_from_args(args) == TrainConfig()
+    assert cli.config_from_args(args) == RunConfig.from_flags()
 
 
 def test_flags_reach_the_config():
-    argv = ["train", "--model", "vit", "--dataset", "wine", "--estimator", "x", "--optimizer", "sgd", "--lr", "0.5"]
-    argv += ["--epochs", "3", "--batch-size", "7", "--seed", "9", "--hidden", "8,4", "--activation", "tanh"]
-    argv += ["--vit-dim", "96", "--vit-depth", "3"]
+    argv = ["train", "--model", "vit", "--dataset", "wine", "--optimizer", "sgd", "--lr", "0.5"]
+    argv += ["--epochs", "3", "--batch-size", "7", "--seed", "9", "--vit-dim", "96", "--vit-depth", "3"]
     config = cli.config_from_args(cli.build_parser().parse_args(argv))
-    assert (config.vit_dim, config.vit_depth) == (96, 3)
-    assert (config.model, config.dataset, config.estimator, config.optimizer) == ("vit", "wine", "x", "sgd")
-    assert (config.lr, config.epochs, config.batch_size, config.seed) == (0.5, 3, 7, 9)
-    assert config.hidden == (8, 4) and config.activation == "tanh"
+    assert (config.model.options.dim, config.model.options.depth) == (96, 3)
+    assert (config.model.name, config.dataset, config.optimizer.name) == ("vit", "wine", "sgd")
+    assert (config.optimizer.options.lr, config.epochs, config.batch_size, config.seed) == (0.5, 3, 7, 9)
+    argv = ["train", "--hidden", "8,4", "--activation", "tanh", "--estimator", "frog", "--tangents", "4"]
+    config = cli.config_from_args(cli.build_parser().parse_args(argv))
+    assert config.model.options.hidden == (8, 4) and config.model.options.activation == "tanh"
+    assert config.estimator.options.num_tangents == 4
+    assert config.estimator.options.aggregation == "orthogonal_projection"  # pinned by the name
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "vit", "--hidden", "8,4"], "hidden: (8, 4) is given but model is 'vit'; it applies to mlp"),
+        (["--tangents", "4"], "tangents: 4 is given but estimator is 'backprop'"),
+        (["--daso-comm-dtype", "bogus"], "daso_comm_dtype: 'bogus' is given but parallel is 'none'"),
+        (["--estimator", "fg-rank1", "--tangent-dist", "rademacher"], "tangent_dist: estimator 'fg-rank1' always"),
+        (["--estimator", "x"], "estimator: unknown estimator 'x'"),
+    ],
+)
+def test_flags_the_chosen_entries_do_not_take_are_refused(argv, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cli.config_from_args(cli.build_parser().parse_args(["train", *argv]))
 
 
 def test_help_explains_every_flag():
@@ -52,7 +71,10 @@ def test_help_explains_every_flag():
         (["--estimator", "magic"], "estimator: unknown estimator 'magic'"),
         (["--lr", "0"], "lr: must be a number > 0"),
         (["--batch-size", "5000"], "batch_size"),
-        (["--estimator", "frog-activity", "--tangent-dist", "rank1"], "tangent_dist: activity perturbation draws"),
+        (
+            ["--estimator", "frog-activity", "--tangent-dist", "rank1"],
+            "tangent_dist: got 'rank1'; allowed: gaussian, rademacher",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_status_2(tmp_path, args, message):

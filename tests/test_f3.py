@@ -20,7 +20,7 @@ import pytest
 import jaxalgo
 from jaxalgo import data, losses
 from jaxalgo.checkpoint import Checkpointer
-from jaxalgo.config import TrainConfig
+from jaxalgo.config import RunConfig
 from jaxalgo.grads import DelayedFeedbackState, FeedbackState, dfa, drtp, f3, fa, feedback_matrices, last_layer_only
 from jaxalgo.train import CHECKPOINT_DIR, make_train_step, train_and_evaluate
 
@@ -321,7 +321,7 @@ def test_per_block_mode_needs_less_temp_memory_than_the_surrogate():
 
 
 def test_checkpoint_resume_keeps_the_buffer(tmp_path):
-    config = TrainConfig(
+    config = RunConfig.from_flags(
         estimator="f3",
         hidden=(16,),
         activation="tanh",
@@ -343,7 +343,7 @@ def test_checkpoint_resume_keeps_the_buffer(tmp_path):
             record = checkpointer.read_record(step)
             from jaxalgo.train import setup
 
-            fresh = setup(TrainConfig.from_dict(record["config"])).init_state()
+            fresh = setup(RunConfig.from_dict(record["config"])).init_state()
             return checkpointer.restore(step, fresh)
         finally:
             checkpointer.close()
@@ -408,7 +408,7 @@ def test_cli_flags_reach_the_estimator(tmp_path):
         ("llo", FeedbackState),
         ("f3", DelayedFeedbackState),
     ):
-        experiment = jaxalgo.train.setup(TrainConfig(estimator=name, hidden=(8,), feedback_init="binomial"))
+        experiment = jaxalgo.train.setup(RunConfig.from_flags(estimator=name, hidden=(8,), feedback_init="binomial"))
         state = experiment.estimator.init(experiment.init_params)
         assert isinstance(state, state_type)
         assert set(np.unique(state.feedback[0]).tolist()) == {0.0, 1.0}
@@ -447,7 +447,183 @@ def test_bad_input():
         ("feedback_reduction", "x"),
     ):
         with pytest.raises(ValueError, match=rf"{field}: got 'x'; allowed"):
-            jaxalgo.train.setup(dataclasses.replace(TrainConfig(estimator="f3"), **{field: value}))
+            jaxalgo.train.setup(RunConfig.from_flags(estimator="f3").with_flags(**{field: value}))
     with pytest.raises(ValueError, match=r"parallel: estimator 'f3' runs on one device only"):
-        jaxalgo.train.setup(TrainConfig(estimator="f3", parallel="ddp"))
+        jaxalgo.train.setup(RunConfig.from_flags(estimator="f3", parallel="ddp"))
     assert isinstance(drtp(fn, losses.sigmoid_bce, input_shape=(D,), key=KEY).init(params), FeedbackState)
+
+
+# -- sample indices out of range under jit ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["per_block", "surrogate"])
+def test_out_of_range_index_under_jit_gives_nan_and_writes_no_row(mode):
+    """Under jit a bad index cannot raise; it must not read or write a clamped (or wrapped) row either."""
+    fn, params, x, y = _problem(jnp.float32)
+    est = f3(fn, losses.sigmoid_bce, input_shape=(D,), train_targets=y, mode=mode, key=KEY)
+    state = est.init(params)
+    state = state._replace(errors=jnp.asarray(np.random.default_rng(6).normal(size=(N, C)), jnp.float32))
+    step = _vg(est)
+    loss, grads, new = step(params, state, _batch(x, y, [0, 1]))  # a good batch: finite, rows 0 and 1 written
+    assert np.isfinite(loss) and all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+    for bad in (N, N + 100, -1):
+        batch = {"x": x[[0, 1]], "y": y[[0, 1]], "idx": np.asarray([0, bad], np.int32)}
+        loss, grads, new = step(params, state, batch)
+        assert np.isnan(loss), bad  # the guaranteed result: NaN, never a plausible number
+        for g in jax.tree.leaves(grads[:-1]):  # every hidden block's gradient (the NaN row reaches all of it)
+            assert np.isnan(g).all(), bad
+        if mode == "per_block":  # the head waits on the NaN hidden gradients
+            assert all(np.isnan(g).all() for g in jax.tree.leaves(grads[-1])), bad
+        np.testing.assert_array_equal(new.errors[1:], state.errors[1:])  # no clamped / wrapped row written
+        assert not np.array_equal(new.errors[0], state.errors[0])  # the good index is still written
+        with pytest.raises(ValueError, match=r"batch\['idx'\]: indices must lie in \[0, 24\)"):
+            est.value_and_grad(params, state, batch, key=KEY)  # eagerly: an error
+
+
+# -- options beside the code ------------------------------------------------------------------------------------
+
+
+def test_options_literals_list_exactly_the_allowed_values():
+    import typing
+
+    from jaxalgo.grads._f3 import F3_VARIANTS, FEEDBACK_PRESETS, HIDDEN_REDUCTIONS, MODES, FeedbackOptions
+    from jaxalgo.grads._fa import FAOptions
+    from jaxalgo.grads._feedback import FEEDBACK_INITS
+    from jaxalgo.options import flags_of
+
+    hints = typing.get_type_hints(FeedbackOptions)
+    assert typing.get_args(hints["variant"]) == F3_VARIANTS
+    assert typing.get_args(hints["init"]) == FEEDBACK_INITS
+    assert typing.get_args(hints["mode"]) == MODES
+    assert typing.get_args(hints["reduction"]) == HIDDEN_REDUCTIONS
+    assert typing.get_args(typing.get_type_hints(FAOptions)["init"]) == FEEDBACK_INITS
+    flags = {f.name: f.default for f in flags_of(FeedbackOptions)}
+    assert flags == {
+        "f3_variant": "delayed_error",
+        "feedback_init": "kaiming_uniform",
+        "feedback_mode": "per_block",
+        "feedback_reduction": "sum",
+    }
+    assert {f.name for f in flags_of(FAOptions)} == {"feedback_init"}
+    assert FeedbackOptions.data_parallel is False and FAOptions.data_parallel is False
+    assert set(FEEDBACK_PRESETS) == {"f3", "dfa", "drtp", "llo"}
+    for name, fixed in FEEDBACK_PRESETS.items():  # every preset's pinned value is a legal Literal value
+        assert FeedbackOptions(**fixed).variant == fixed.get("variant", "delayed_error"), name
+    assert [FEEDBACK_PRESETS[n]["variant"] for n in ("dfa", "drtp", "llo")] == [
+        "current_error",
+        "one_hot_target",
+        "zeros",
+    ]
+    with pytest.raises(ValueError, match=r"variant: got 'delayed'; allowed: .*delayed_error"):
+        FeedbackOptions(variant="delayed")
+    with pytest.raises(ValueError, match=r"init: got 'gaussian'"):
+        FAOptions(init="gaussian")
+
+
+def _feedback_problem(fn, y, loss="sigmoid_bce", **fields):
+    from jaxalgo.grads._estimator import Problem
+
+    output_loss = losses.get_loss(loss)
+    fields = {
+        "chain": fn,
+        "output_loss": output_loss,
+        "loss_name": loss,
+        "input_shape": (D,),
+        "num_outputs": C,
+        "train_targets": y,
+        "key": KEY,
+        **fields,
+    }
+    return Problem(lambda p, b: output_loss(fn.apply(p, b["x"]), b["y"]), **fields)
+
+
+def test_feedback_options_build_the_same_estimator_as_the_functions():
+    from jaxalgo.grads._f3 import FeedbackOptions
+    from jaxalgo.grads._fa import FAOptions
+
+    fn, params, x, y = _problem(jnp.float32)
+    batch = _batch(x, y, [3, 1, 4, 15, 9, 2])
+    common = dict(input_shape=(D,), output_activation="sigmoid", key=KEY)
+    cases = [
+        (FeedbackOptions(), f3(fn, losses.sigmoid_bce, train_targets=y, **common)),
+        (
+            FeedbackOptions("delayed_loss_one_hot", "trinomial", "surrogate", "mean"),
+            f3(
+                fn,
+                losses.sigmoid_bce,
+                train_targets=y,
+                variant="delayed_loss_one_hot",
+                feedback_init="trinomial",
+                mode="surrogate",
+                hidden_reduction="mean",
+                **common,
+            ),
+        ),
+        (FeedbackOptions("current_error", mode="surrogate"), dfa(fn, losses.sigmoid_bce, mode="surrogate", **common)),
+        (
+            FeedbackOptions("one_hot_target", "binomial"),
+            drtp(fn, losses.sigmoid_bce, feedback_init="binomial", **common),
+        ),
+        (FeedbackOptions("zeros"), last_layer_only(fn, losses.sigmoid_bce, **common)),
+        (FAOptions("identity"), fa(fn, losses.sigmoid_bce, feedback_init="identity", key=KEY)),
+    ]
+    problem = _feedback_problem(fn, y)
+    for options, direct in cases:
+        built = options.build(problem)
+        state = built.init(params)
+        _assert_trees_equal(state, direct.init(params))
+        _assert_trees_equal(_vg(built)(params, state, batch), _vg(direct)(params, state, batch))
+    # the output nonlinearity follows loss_name (cross_entropy: softmax), else the output loss
+    for loss_name in ("cross_entropy", None):
+        problem = _feedback_problem(fn, y, "cross_entropy")
+        problem = dataclasses.replace(problem, loss_name=loss_name)
+        direct = dfa(fn, losses.softmax_cross_entropy, input_shape=(D,), output_activation="softmax", key=KEY)
+        state = direct.init(params)
+        built = FeedbackOptions("current_error").build(problem)
+        _assert_trees_equal(_vg(built)(params, state, batch), _vg(direct)(params, state, batch))
+
+
+def test_feedback_options_say_what_the_problem_lacks():
+    from jaxalgo.grads._f3 import FeedbackOptions
+    from jaxalgo.grads._fa import FAOptions
+
+    fn, _, _, y = _problem(jnp.float32)
+    with pytest.raises(ValueError, match=r"problem: f3 needs train_targets"):
+        FeedbackOptions().build(_feedback_problem(fn, y, train_targets=None))
+    FeedbackOptions("current_error").build(_feedback_problem(fn, y, train_targets=None))  # DFA has no buffer
+    with pytest.raises(ValueError, match=r"problem: dfa needs chain, key"):
+        FeedbackOptions("current_error").build(_feedback_problem(fn, y, chain=None, key=None))
+    with pytest.raises(ValueError, match=r"problem: llo needs input_shape"):
+        FeedbackOptions("zeros").build(_feedback_problem(fn, y, input_shape=None))
+    with pytest.raises(ValueError, match=r"problem: fa needs output_loss"):
+        FAOptions().build(_feedback_problem(fn, y, output_loss=None))
+    with pytest.raises(ValueError, match=r"loss_name: got 'hinge'; allowed: sigmoid_bce"):
+        FeedbackOptions().build(_feedback_problem(fn, y, loss_name="hinge"))
+
+
+@pytest.mark.parametrize("name", ["f3", "dfa", "drtp", "llo", "fa"])
+def test_options_reproduce_the_training_runs_estimator(name):
+    """The estimator a run builds for ``--estimator name`` gives bit-identical updates to the options' build."""
+    from jaxalgo.grads._estimator import Problem
+    from jaxalgo.grads._f3 import FEEDBACK_PRESETS, FeedbackOptions
+    from jaxalgo.grads._fa import FAOptions
+
+    config = RunConfig.from_flags(estimator=name, hidden=(8,), activation="tanh", feedback_init="trinomial", seed=3)
+    experiment = jaxalgo.train.setup(config)
+    dataset = experiment.dataset
+    problem = Problem(
+        experiment.loss_fn,
+        chain=experiment.chain,
+        output_loss=experiment.output_loss,
+        loss_name=losses.default_loss(dataset.task),  # config.loss "auto"
+        input_shape=dataset.input_shape,
+        train_targets=dataset.y_train,
+        key=jax.random.fold_in(jax.random.key(config.seed), 3),  # the run's feedback key: stream 3 of the seed
+    )
+    options = FAOptions("trinomial") if name == "fa" else FeedbackOptions(init="trinomial", **FEEDBACK_PRESETS[name])
+    built, run = options.build(problem), experiment.estimator
+    params = experiment.init_params
+    state = run.init(params)
+    _assert_trees_equal(built.init(params), state)
+    batch = next(data.iterate_batches(dataset, 32, seed=0, epoch=0))
+    _assert_trees_equal(_vg(built)(params, state, batch), _vg(run)(params, state, batch))

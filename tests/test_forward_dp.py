@@ -17,7 +17,7 @@ from _mlp_problem import loss_fn
 from _two_processes import run_two_processes
 
 from jaxalgo import parallel as par
-from jaxalgo.config import TrainConfig
+from jaxalgo.config import RunConfig
 from jaxalgo.data import iterate_batches
 from jaxalgo.grads import (
     DirectionalSplit,
@@ -28,8 +28,7 @@ from jaxalgo.grads import (
     forward_gradient,
     rank1_forward_gradient,
 )
-from jaxalgo.parallel._train import make_runner
-from jaxalgo.train import TrainState, make_train_step, setup, train_and_evaluate
+from jaxalgo.train import TrainState, make_runner, make_train_step, setup, train_and_evaluate
 
 AGGREGATIONS = ("sum", "mean", "orthogonal_projection")
 
@@ -332,13 +331,13 @@ def test_digits_frog_ddp_2x4_reaches_the_single_device_accuracy(tmp_path):
     """``jaxalgo train --parallel ddp --mesh 2x4 --estimator frog --tangents 16`` against one device, same seed
     and global batch; and the run's DDP step all-reduces only k + 1 numbers."""
     with jax.enable_x64(False):  # as the CLI runs
-        single = train_and_evaluate(TrainConfig(**DIGITS), tmp_path / "single")
-        config = TrainConfig(**DIGITS, parallel="ddp", mesh="2x4")
+        single = train_and_evaluate(RunConfig.from_flags(**DIGITS), tmp_path / "single")
+        config = RunConfig.from_flags(**DIGITS, parallel="ddp", mesh="2x4")
         ddp = train_and_evaluate(config, tmp_path / "ddp")
         assert single["test_accuracy"] >= 0.88
         assert abs(ddp["test_accuracy"] - single["test_accuracy"]) <= 0.005, (ddp, single)
         experiment = setup(dataclasses.replace(config, epochs=1))
-        runner = make_runner(experiment)
+        runner = make_runner(dataclasses.replace(config, epochs=1), experiment)
         batch = next(iterate_batches(experiment.dataset, 64, seed=0, epoch=0))
         state = runner.init(experiment.init_state())
         report = par.comm_report(runner.train_step, state, par.shard(batch, runner.mesh), runner.run_key)
@@ -346,8 +345,8 @@ def test_digits_frog_ddp_2x4_reaches_the_single_device_accuracy(tmp_path):
 
 
 def test_bad_parallel_reduce_fails_before_training(tmp_path):
-    config = TrainConfig(**{**DIGITS, "epochs": 1, "parallel": "ddp", "mesh": "2x4", "parallel_reduce": "k"})
-    message = r"parallel_reduce: unknown reduction 'k'; allowed: auto, directional, gradients"
+    config = RunConfig.from_flags(**{**DIGITS, "epochs": 1, "parallel": "ddp", "mesh": "2x4", "parallel_reduce": "k"})
+    message = r"parallel_reduce: got 'k'; allowed: auto, directional, gradients"
     with pytest.raises(ValueError, match=message):
         train_and_evaluate(config, tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

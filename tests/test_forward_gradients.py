@@ -323,22 +323,23 @@ def test_bad_inputs_raise_before_any_work():
 
 def test_cli_flags_and_config_validation():
     from jaxalgo import cli
-    from jaxalgo.config import TrainConfig, validate_config
+    from jaxalgo.config import RunConfig
 
     args = cli.build_parser().parse_args(["train", "--estimator", "frog", "--tangents", "8", "--tangent-dist", "rank1"])
     config = cli.config_from_args(args)
-    assert (config.estimator, config.tangents, config.tangent_dist) == ("frog", 8, "rank1")
-    with pytest.raises(ValueError, match="tangent_dist: unknown tangent distribution 'sobol'; allowed: gaussian"):
-        validate_config(TrainConfig(estimator="fg", tangent_dist="sobol"))
-    with pytest.raises(ValueError, match="tangent_dist: 'frog-rank1' always uses rank-1 tangents"):
-        validate_config(TrainConfig(estimator="frog-rank1", tangent_dist="rademacher"))
+    options = config.estimator.options
+    assert (config.estimator.name, options.num_tangents, options.tangent_dist) == ("frog", 8, "rank1")
+    with pytest.raises(ValueError, match="tangent_dist: got 'sobol'; allowed: gaussian"):
+        RunConfig.from_flags(estimator="fg", tangent_dist="sobol")
+    with pytest.raises(ValueError, match="tangent_dist: estimator 'frog-rank1' always uses 'rank1'"):
+        RunConfig.from_flags(estimator="frog-rank1", tangent_dist="rademacher")
 
 
 def test_frog_trains_digits_through_train_and_evaluate(tmp_path):
-    from jaxalgo.config import TrainConfig
+    from jaxalgo.config import RunConfig
     from jaxalgo.train import train_and_evaluate
 
-    config = TrainConfig(
+    config = RunConfig.from_flags(
         estimator="frog", tangents=8, tangent_dist="rademacher", optimizer="sgd", lr=10.0, epochs=2, hidden=(32,),
         quiet=True,
     )  # fmt: skip
@@ -362,3 +363,21 @@ def test_singular_gram_falls_back_to_the_pseudo_inverse_projection(columns):
         regular = rng.standard_normal((4, 6))
         c = _combine.combination_coefficients("orthogonal_projection", jnp.asarray(d), jnp.asarray(regular @ regular.T))
         np.testing.assert_allclose(np.asarray(c), np.linalg.solve(regular @ regular.T, d), rtol=1e-8)
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize(("batching", "chunk_size"), [("scan", None), ("chunk", 3)])
+def test_fused_sum_and_mean_run_under_the_ordinary_data_parallel_path(batching, chunk_size):
+    """scan / chunk sum and mean accumulate the estimate in a scan carry; with per-device params (the gradient
+    all-reduce) the carry must vary over the mesh axes like the directional derivatives do."""
+    from jaxalgo import parallel as par
+
+    mesh = par.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+    params, batch = make_problem(batch=16)
+    key = jax.random.key(2)
+    est = forward_gradient(loss_fn, num_tangents=5, batching=batching, chunk_size=chunk_size)
+    _, expected = run(params, batch, key, num_tangents=5, batching=batching, chunk_size=chunk_size)
+    dp = par.data_parallel(est, mesh, reduce="gradients")
+    args = (par.replicate(params, mesh), par.shard(batch, mesh), par.replicate(key, mesh))
+    _, grads, _ = jax.jit(lambda p, b, k: dp.value_and_grad(p, None, b, key=k))(*args)
+    np.testing.assert_allclose(flat(grads), flat(expected), rtol=1e-10, atol=1e-13)

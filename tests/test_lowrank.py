@@ -322,16 +322,16 @@ def test_bad_input_raises_naming_the_argument():
 
 
 def test_train_config_validation_names_the_lowrank_fields():
-    from jaxalgo.config import TrainConfig, validate_config
+    from jaxalgo.config import RunConfig
 
     with pytest.raises(ValueError, match="lowrank_cutoff: must be a number in the open interval"):
-        validate_config(TrainConfig(lowrank="oialr", lowrank_cutoff=1.2))
+        RunConfig.from_flags(lowrank="oialr", lowrank_cutoff=1.2)
     with pytest.raises(ValueError, match=r"lowrank_delay: must be an integer >= 0.*-5"):
-        validate_config(TrainConfig(lowrank="oialr", lowrank_delay=-5))
+        RunConfig.from_flags(lowrank="oialr", lowrank_delay=-5)
     with pytest.raises(ValueError, match="lowrank_frequency"):
-        validate_config(TrainConfig(lowrank="oialr", lowrank_frequency=0))
+        RunConfig.from_flags(lowrank="oialr", lowrank_frequency=0)
     with pytest.raises(ValueError, match="lowrank: unknown method 'svd'; allowed: none, oialr"):
-        validate_config(TrainConfig(lowrank="svd"))
+        RunConfig.from_flags(lowrank="svd")
 
 
 def test_storage_is_compacted_for_the_whole_model_when_padding_exceeds_the_ratio():

@@ -10,11 +10,11 @@ import chex
 import pytest
 
 from jaxalgo.cli import build_parser, config_from_args
-from jaxalgo.config import TrainConfig
+from jaxalgo.config import RunConfig
 from jaxalgo.train import load_final_params, train_and_evaluate
 
 # 22 steps per epoch on digits (1437 training examples, batch 64).
-SMALL = TrainConfig(
+SMALL = RunConfig.from_flags(
     hidden=(48, 48),
     epochs=4,
     batch_size=64,
@@ -70,7 +70,7 @@ def test_oialr_run_converts_cuts_and_resumes_exactly(tmp_path):
     loaded = load_final_params(tmp_path / "full", SMALL)
     chex.assert_trees_all_close(loaded.params, full["state"].params)
     # resume from the checkpoint of step 35 (after conversion and a cut): the same end state
-    half = TrainConfig(**{**SMALL.__dict__, "epochs": 2})
+    half = RunConfig.from_flags(**{**SMALL.__dict__, "epochs": 2})
     train_and_evaluate(half, tmp_path / "split")
     resumed = train_and_evaluate(SMALL, tmp_path / "split", resume=True)
     assert int(resumed["state"].step) == int(full["state"].step)
@@ -81,7 +81,7 @@ def test_oialr_run_converts_cuts_and_resumes_exactly(tmp_path):
 
 
 def test_step_zero_conversion_and_factored_params(tmp_path):
-    config = TrainConfig(**{**SMALL.__dict__, "epochs": 1, "lowrank_delay": 0, "checkpoint_every": 0})
+    config = RunConfig.from_flags(**{**SMALL.__dict__, "epochs": 1, "lowrank_delay": 0, "checkpoint_every": 0})
     final = train_and_evaluate(config, tmp_path)
     params = final["state"].params
     assert set(params[0]["linear"]) == {"U", "S", "V", "bias"}
@@ -100,7 +100,9 @@ def test_after_conversion_forward_gradients_draw_tangents_on_the_trainable_leave
     from jaxalgo.train import make_loss_fn, setup
 
     def converted(tangents):
-        config = TrainConfig(hidden=(8,), estimator="frog", tangents=tangents, lowrank="oialr", lowrank_delay=0)
+        config = RunConfig.from_flags(
+            hidden=(8,), estimator="frog", tangents=tangents, lowrank="oialr", lowrank_delay=0
+        )
         experiment = setup(config)
         trainer = lowrank.OIALRTrainer(experiment, lowrank.oialr_config_from_train_config(config))
         return experiment, trainer, trainer.after_step(0, experiment.init_state())

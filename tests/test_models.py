@@ -324,7 +324,7 @@ KEY = jax.random.key(0)
         (
             lambda: build_model("mlpp", input_shape=(4,), num_outputs=2, key=KEY),
             ValueError,
-            r"name.*'mlpp'.*mlp, resnet, vit",
+            r"model: unknown model 'mlpp'.*mlp, resnet, vit",
         ),
         (
             lambda: build_model("mlp", input_shape=(4,), num_outputs=2, key=KEY, depth=2),

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxalgo.config import TrainConfig
+from jaxalgo.config import RunConfig
 from jaxalgo.train import train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,8 +29,8 @@ def read_metrics(workdir) -> list[dict]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    ddp = train_and_evaluate(TrainConfig(**DIGITS, parallel="ddp"), root / "ddp")
-    daso_config = TrainConfig(**DIGITS, **DASO, parallel="daso", checkpoint_every=12, keep_checkpoints=100)
+    ddp = train_and_evaluate(RunConfig.from_flags(**DIGITS, parallel="ddp"), root / "ddp")
+    daso_config = RunConfig.from_flags(**DIGITS, **DASO, parallel="daso", checkpoint_every=12, keep_checkpoints=100)
     daso = train_and_evaluate(daso_config, root / "daso")
     return {"root": root, "ddp": ddp, "daso": daso, "daso_config": daso_config}
 
@@ -86,7 +86,7 @@ def test_daso_resume_with_an_average_in_flight_equals_uninterrupted_run(runs):
 )
 def test_bad_parallel_configuration_fails_before_training(tmp_path, changes, message):
     with pytest.raises(ValueError, match=message):
-        train_and_evaluate(TrainConfig(**{**DIGITS, "epochs": 1, **changes}), tmp_path / "run")
+        train_and_evaluate(RunConfig.from_flags(**{**DIGITS, "epochs": 1, **changes}), tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from typing import ClassVar
 
 import chex
 import jax
@@ -16,12 +18,12 @@ import numpy as np
 import pytest
 
 import jaxalgo
-import jaxalgo.estimators
 from jaxalgo.checkpoint import CheckpointMismatchError
-from jaxalgo.config import TrainConfig
+from jaxalgo.config import RunConfig
+from jaxalgo.options import Entry
 from jaxalgo.train import NonFiniteLossError, load_final_params, setup, train_and_evaluate
 
-SMALL = TrainConfig(hidden=(32,), epochs=2, batch_size=64, checkpoint_every=7, quiet=True, seed=3)
+SMALL = RunConfig.from_flags(hidden=(32,), epochs=2, batch_size=64, checkpoint_every=7, quiet=True, seed=3)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -42,7 +44,7 @@ def test_metrics_lines_and_final_record(tmp_path):
 
 def test_resume_after_half_the_epochs_equals_uninterrupted_run(tmp_path):
     full = train_and_evaluate(SMALL, tmp_path / "full")["state"]
-    half = TrainConfig(**{**SMALL.__dict__, "epochs": 1})
+    half = RunConfig.from_flags(**{**SMALL.flags(), "epochs": 1})
     train_and_evaluate(half, tmp_path / "split")
     resumed = train_and_evaluate(SMALL, tmp_path / "split", resume=True)["state"]
     assert int(resumed.step) == int(full.step)
@@ -54,7 +56,7 @@ def test_resume_after_half_the_epochs_equals_uninterrupted_run(tmp_path):
 
 
 def test_resume_after_sigkill_mid_run_equals_uninterrupted_run(tmp_path):
-    config = TrainConfig(hidden=(512, 512), epochs=12, batch_size=32, checkpoint_every=10, quiet=True, seed=1)
+    config = RunConfig.from_flags(hidden=(512, 512), epochs=12, batch_size=32, checkpoint_every=10, quiet=True, seed=1)
     workdir = tmp_path / "killed"
     command = [sys.executable, "-m", "jaxalgo", "train", "--quiet", "--workdir", str(workdir)]
     command += ["--hidden", "512,512", "--epochs", "12", "--batch-size", "32", "--checkpoint-every", "10"]
@@ -90,12 +92,12 @@ def test_resume_after_sigkill_mid_run_equals_uninterrupted_run(tmp_path):
 
 
 def test_default_config_learns_digits(tmp_path):
-    final = train_and_evaluate(TrainConfig(epochs=8, quiet=True), tmp_path)
+    final = train_and_evaluate(RunConfig.from_flags(epochs=8, quiet=True), tmp_path)
     assert final["test_accuracy"] >= 0.95
 
 
 def test_regression_reports_mae_in_original_units(tmp_path):
-    config = TrainConfig(dataset="diabetes", hidden=(32,), epochs=30, batch_size=32, quiet=True)
+    config = RunConfig.from_flags(dataset="diabetes", hidden=(32,), epochs=30, batch_size=32, quiet=True)
     final = train_and_evaluate(config, tmp_path)
     # Predicting the training mean gives an MAE of about 64 on diabetes; a trained net does much better.
     assert 30.0 < final["test_mae"] < 60.0
@@ -103,8 +105,15 @@ def test_regression_reports_mae_in_original_units(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     # An estimator that returns NaN gradients from its 10th call on, counting calls in its state.
-    def poisoned(context):
-        exact = jaxalgo.grads.backprop(context.loss_fn)
+    @dataclasses.dataclass(frozen=True)
+    class Poisoned:
+        data_parallel: ClassVar[bool] = True
+
+        def build(self, problem):
+            return poisoned(problem)
+
+    def poisoned(problem):
+        exact = jaxalgo.grads.backprop(problem.loss_fn)
 
         def value_and_grad(params, count, batch, *, key):
             loss, grads, _ = exact.value_and_grad(params, (), batch, key=key)
@@ -113,8 +122,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
 
         return jaxalgo.grads.Estimator(lambda params: jnp.int32(0), value_and_grad)
 
-    monkeypatch.setitem(jaxalgo.estimators.ESTIMATOR_BUILDERS, "poisoned", poisoned)
-    config = TrainConfig(**{**SMALL.__dict__, "estimator": "poisoned", "checkpoint_every": 4, "log_every": 1})
+    monkeypatch.setitem(jaxalgo.grads.ESTIMATORS, "poisoned", Entry(Poisoned))
+    config = RunConfig.from_flags(**{**SMALL.flags(), "estimator": "poisoned", "checkpoint_every": 4, "log_every": 1})
     with pytest.raises(NonFiniteLossError, match=r"at step 11.*last good checkpoint is step 8"):
         train_and_evaluate(config, tmp_path)
     state = load_final_params(tmp_path, config)
@@ -137,14 +146,13 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
         ({"loss": "hinge"}, "loss: unknown loss 'hinge'"),
         ({"dataset": "diabetes", "loss": "cross_entropy"}, "classification loss"),
         ({"dataset": "mnist", "data_dir": "/nonexistent/jaxalgo-test"}, "nonexistent"),
-        ({"model": "vit", "vit_dim": 30}, r"vit_dim: must be a positive multiple of 4 \(4 attention heads\), got 30"),
+        ({"model": "vit", "vit_dim": 30}, r"vit_dim: got 30, which is not a multiple of heads=4"),
         ({"model": "vit", "vit_depth": 0}, "vit_depth: must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_configuration_fails_before_training(tmp_path, changes, message):
-    config = TrainConfig(**{**SMALL.__dict__, **changes})
     with pytest.raises((ValueError, OSError), match=message):
-        train_and_evaluate(config, tmp_path / "run")
+        train_and_evaluate(SMALL.with_flags(**changes), tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
@@ -156,20 +164,20 @@ def test_workdir_that_is_a_file_is_refused(tmp_path):
 
 
 def test_resume_with_different_configuration_is_refused(tmp_path):
-    train_and_evaluate(TrainConfig(**{**SMALL.__dict__, "epochs": 1}), tmp_path)
-    other = TrainConfig(**{**SMALL.__dict__, "lr": 3e-3})
+    train_and_evaluate(RunConfig.from_flags(**{**SMALL.flags(), "epochs": 1}), tmp_path)
+    other = RunConfig.from_flags(**{**SMALL.flags(), "lr": 3e-3})
     with pytest.raises(CheckpointMismatchError, match=r"lr: checkpoint has 0.001, this run has 0.003"):
         train_and_evaluate(other, tmp_path, resume=True)
 
 
 def test_existing_run_without_resume_is_refused(tmp_path):
-    train_and_evaluate(TrainConfig(**{**SMALL.__dict__, "epochs": 1}), tmp_path)
+    train_and_evaluate(RunConfig.from_flags(**{**SMALL.flags(), "epochs": 1}), tmp_path)
     with pytest.raises(FileExistsError, match="--resume"):
         train_and_evaluate(SMALL, tmp_path)
 
 
 def test_vit_width_and_depth_reach_the_model():
-    experiment = setup(TrainConfig(model="vit", vit_dim=32, vit_depth=3, quiet=True))
+    experiment = setup(RunConfig.from_flags(model="vit", vit_dim=32, vit_depth=3, quiet=True))
     params = experiment.init_params
     assert len(params) == 3 + 2  # patch embedding, 3 Transformer blocks, head
     assert params[1]["attention"]["query"]["kernel"].shape[0] == 32

@@ -9,6 +9,7 @@ from jaxalgo.data._bundled import BUNDLED, load_bundled
 from jaxalgo.data._checks import check_seed
 from jaxalgo.data._dataset import Dataset
 from jaxalgo.data._split import check_test_fraction, standardise_uint8_images
+from jaxalgo.options import import_object
 
 FILE_DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "cifar10")
 DATASETS: tuple[str, ...] = (*BUNDLED, *FILE_DATASETS)
@@ -47,8 +48,11 @@ def load_dataset(
     per channel for images, and per target for regression targets, whose train mean and standard deviation
     are kept in ``target_mean`` / ``target_std`` to map predictions back to original units.
 
+    A user's own loader: ``name = "package.module:function"`` calls ``function(seed=seed,
+    test_fraction=test_fraction, data_dir=data_dir)``, which returns a :class:`Dataset`.
+
     Args:
-      name: one of :data:`DATASETS`.
+      name: one of :data:`DATASETS`, or ``module:function``.
       data_dir: directory holding the files of ``mnist``, ``fashion_mnist`` or ``cifar10``.
       seed: non-negative int seed of the split (and of the synthetic data).
       test_fraction: fraction of a bundled set held out for testing, in ``(0, 1)``.
@@ -60,6 +64,8 @@ def load_dataset(
       ValueError: unknown ``name``, ``test_fraction`` outside ``(0, 1)``, missing ``data_dir``, corrupt files.
       FileNotFoundError: ``data_dir`` or one of its expected files does not exist.
     """
+    if isinstance(name, str) and ":" in name:
+        return _imported(name, data_dir=data_dir, seed=seed, test_fraction=test_fraction)
     if not isinstance(name, str) or name not in DATASETS:
         raise ValueError(f"name: unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
     seed = check_seed(seed)
@@ -87,3 +93,11 @@ def load_dataset(
         y_test=y_test,
         num_outputs=_files.NUM_CLASSES,
     )
+
+
+def _imported(target: str, **arguments) -> Dataset:
+    """The :class:`Dataset` a user's loader ``module:function`` returns."""
+    dataset = import_object(target, argument="dataset")(**arguments)
+    if not isinstance(dataset, Dataset):
+        raise ValueError(f"dataset: {target!r} returned a {type(dataset).__name__}; expected a jaxalgo.data.Dataset")
+    return dataset

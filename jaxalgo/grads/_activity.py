@@ -64,15 +64,17 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxalgo.grads import _combine
-from jaxalgo.grads._estimator import EmptyState, Estimator, check_float_params
+from jaxalgo.grads._estimator import EmptyState, Estimator, Problem, check_float_params
+from jaxalgo.options import check_fields, option
 
 TANGENTS: tuple[str, ...] = ("gaussian", "rademacher")
 MODES: tuple[str, ...] = ("forward", "simulated")
@@ -390,31 +392,53 @@ def activity_forward_gradient(
     return Estimator(init, value_and_grad)
 
 
-ACTIVITY_ESTIMATORS: dict[str, str] = {"fg-activity": "mean", "frog-activity": "orthogonal_projection"}
-"""CLI estimator names served by :func:`build_activity_estimator`, and their aggregation."""
+@dataclasses.dataclass(frozen=True)
+class ActivityOptions:
+    """Activity perturbation: tangents on the block outputs (see :func:`activity_forward_gradient`).
 
-
-def build_activity_estimator(context: Any) -> Estimator:
-    """Builds the activity-perturbation estimator of a training run (``jaxalgo.estimators`` registry entry).
-
-    ``context.config.estimator`` is ``"fg-activity"`` (mean) or ``"frog-activity"`` (orthogonal projection);
-    ``context.config.tangents`` is ``k``; ``context.chain`` and ``context.output_loss`` are the model and its loss.
+    Attributes:
+      num_tangents: number of tangents k shared by the batch (>= 1).
+      aggregation: how the k directional derivatives combine: sum, mean (unbiased) or orthogonal_projection (FROG).
+      tangent_dist: gaussian or rademacher (rank-1 tangents are for weight perturbation: fg-rank1, frog-rank1).
+      normalize_tangents: divide each tangent by its norm.
+      scaling_correction: multiply the estimate by the reference's correction factor.
+      mode: forward (directional derivatives by forward mode) or simulated (by backprop; a test oracle).
+      local_losses: give each hidden block its own loss through a linear readout to the targets.
+      readout_learning_rate: 0 keeps the random readouts fixed; > 0 learns them by SGD at this rate.
     """
-    name = context.config.estimator
-    if name not in ACTIVITY_ESTIMATORS:
-        raise ValueError(
-            f"estimator: {name!r} is not an activity-perturbation estimator; allowed: {', '.join(ACTIVITY_ESTIMATORS)}"
+
+    num_tangents: int = option(16, flag="tangents")
+    aggregation: Literal["sum", "mean", "orthogonal_projection"] = "mean"
+    tangent_dist: Literal["gaussian", "rademacher"] = "gaussian"
+    normalize_tangents: bool = False
+    scaling_correction: bool = False
+    mode: Literal["forward", "simulated"] = option("forward", flag="forward_mode")
+    local_losses: bool = False
+    readout_learning_rate: float = 0.0
+
+    data_parallel: ClassVar[bool] = True
+
+    def __post_init__(self):
+        check_fields(self)
+        _combine.check_num_tangents(self.num_tangents)
+        if not (math.isfinite(self.readout_learning_rate) and self.readout_learning_rate >= 0):
+            raise ValueError(f"readout_learning_rate: must be a finite number >= 0, got {self.readout_learning_rate!r}")
+
+    def build(self, problem: Problem) -> Estimator:
+        problem.require("chain", "output_loss", by="activity perturbation")
+        if problem.has_aux:
+            raise ValueError("problem: activity perturbation takes an output loss, not a loss with aux (has_aux)")
+        return activity_forward_gradient(
+            problem.chain,
+            problem.output_loss,
+            num_tangents=self.num_tangents,
+            aggregation=self.aggregation,
+            tangents=self.tangent_dist,
+            normalize_tangents=self.normalize_tangents,
+            scaling_correction=self.scaling_correction,
+            mode=self.mode,
+            local_losses=self.local_losses,
+            readout_key=problem.key,
+            readout_learning_rate=self.readout_learning_rate,
+            input_shape=problem.input_shape,
         )
-    tangents = getattr(context.config, "tangent_dist", "gaussian")
-    if tangents not in TANGENTS:
-        raise ValueError(
-            f"tangent_dist: activity perturbation draws {' or '.join(TANGENTS)} tangents, got {tangents!r} "
-            "(rank-1 tangents are for weight perturbation: --estimator fg or frog)"
-        )
-    return activity_forward_gradient(
-        context.chain,
-        context.output_loss,
-        num_tangents=context.config.tangents,
-        aggregation=ACTIVITY_ESTIMATORS[name],
-        tangents=tangents,
-    )

@@ -80,6 +80,9 @@ class Problem:
       train_targets: the training targets in sample-index order (F3's delayed-error buffer starts from them).
       key: the estimator's own randomness (fixed feedback matrices, readouts), not the per-step key.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      loss_of_chain: ``loss_of_chain(chain) -> loss_fn``, how the loss follows a changed model (OIALR
+        factorises the chain); :meth:`from_chain` sets it. Without it :meth:`with_chain` refuses, rather than
+        silently replace a user's loss by one it would have to guess.
     """
 
     loss_fn: Callable[[Params, Batch], Any]
@@ -91,6 +94,19 @@ class Problem:
     train_targets: Any = None
     key: jax.Array | None = None
     has_aux: bool = False
+    loss_of_chain: Callable[[Any], Callable[[Params, Batch], Any]] | None = None
+
+    @classmethod
+    def from_chain(cls, chain: Any, output_loss: Callable[[Any, Any], Any], **fields: Any) -> Problem:
+        """The problem of ``output_loss(chain.apply(params, batch["x"]), batch["y"])`` (other fields as given)."""
+
+        def loss_of_chain(chain):
+            def loss_fn(params, batch):
+                return output_loss(chain.apply(params, batch["x"]), batch["y"])
+
+            return loss_fn
+
+        return cls(loss_of_chain(chain), chain, output_loss, loss_of_chain=loss_of_chain, **fields)
 
     def __post_init__(self):
         if not callable(self.loss_fn):
@@ -110,14 +126,13 @@ class Problem:
         return dataclasses.replace(self, loss_fn=loss_fn)
 
     def with_chain(self, chain: Any) -> Problem:
-        """The same problem on another chain (OIALR after factorising): ``loss_fn`` follows the new chain."""
-        self.require("output_loss", by="with_chain")
-        output_loss = self.output_loss
-
-        def loss_fn(params, batch):
-            return output_loss(chain.apply(params, batch["x"]), batch["y"])
-
-        return dataclasses.replace(self, chain=chain, loss_fn=loss_fn)
+        """The same problem on another chain (OIALR after factorising): ``loss_fn = loss_of_chain(chain)``."""
+        if self.loss_of_chain is None:
+            raise ValueError(
+                "problem: loss_of_chain is None, so the loss cannot follow a changed model; give "
+                "Problem(..., loss_of_chain=lambda chain: loss_fn_for(chain)) or use Problem.from_chain"
+            )
+        return dataclasses.replace(self, chain=chain, loss_fn=self.loss_of_chain(chain))
 
 
 class EstimatorOptions(Protocol):

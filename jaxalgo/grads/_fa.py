@@ -19,17 +19,20 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxalgo.grads._estimator import Estimator, check_float_params, check_scalar_loss
+from jaxalgo.grads._estimator import Estimator, Problem, check_float_params, check_scalar_loss
 from jaxalgo.grads._f3 import FeedbackState
 from jaxalgo.grads._feedback import check_feedback_init, feedback_matrices
 from jaxalgo.models import ACTIVATIONS, DenseBlock
+from jaxalgo.models._chain import BlockFns, Chain
+from jaxalgo.options import check_fields, option
 
 
 @jax.custom_vjp
@@ -57,6 +60,26 @@ def _not_dense_message(index: int, name: str) -> str:
     )
 
 
+def _chain_error(chain: Any) -> TypeError:
+    """Why ``chain`` is not a chain FA can use, and what to pass instead."""
+    how = "fn, params = jaxalgo.models.split_chain(jaxalgo.models.mlp(...)) (or of a Chain of DenseBlocks)"
+    if isinstance(chain, list | tuple) and any(isinstance(b, nnx.Module) for b in chain):
+        return TypeError(
+            "chain: fa takes the pure function of a Chain of the blocks: "
+            "fn, params = jaxalgo.models.split_chain(jaxalgo.models.Chain(blocks))"
+        )
+    if isinstance(chain, BlockFns) or (isinstance(chain, list | tuple) and all(map(callable, chain))):
+        return TypeError(
+            "chain: feedback alignment replaces each dense layer's transposed weight, so it needs the layers of a "
+            f"chain of jaxalgo.models.DenseBlock: {how}; block functions hide their layers, train them with dfa, "
+            "drtp or f3 (block-wise feedback) instead"
+        )
+    if isinstance(chain, Chain):
+        return TypeError(f"chain: fa takes the pure function of the Chain: {how}")
+    what = f"a flax module ({type(chain).__name__})" if isinstance(chain, nnx.Module) else f"a {type(chain).__name__}"
+    return TypeError(f"chain: feedback alignment needs the pure function of a chain of DenseBlocks, got {what}: {how}")
+
+
 def _dense_blocks(chain: Any, params: Any) -> list[Any]:
     """The chain's blocks as modules, checked to be DenseBlocks (the structure FA needs)."""
     modules = []
@@ -78,7 +101,9 @@ def fa(
     """Feedback alignment on an MLP chain: backprop with each ``W_l^T`` replaced by a fixed random ``B_l``.
 
     Args:
-      chain: the pure function of an MLP (:func:`jaxalgo.models.mlp`), every block a ``DenseBlock``.
+      chain: the pure function of an MLP (:func:`jaxalgo.models.mlp`), every block a ``DenseBlock``
+        (``jaxalgo.models.split_chain(model)[0]``). Plain block functions (:func:`jaxalgo.models.chain_of`)
+        hide the layers FA works on: use :func:`dfa`, :func:`drtp` or :func:`f3` for them.
       output_loss: ``output_loss(z, y) -> scalar`` (mean over the batch).
       feedback_init: one of :data:`jaxalgo.grads.FEEDBACK_INITS`; ``B_l`` has shape ``(out_l, in_l)`` and the
         Kaiming bound ``1/sqrt(in_l)``.
@@ -88,7 +113,7 @@ def fa(
       An :class:`Estimator` with state :class:`FeedbackState` (matrices for blocks ``1 .. L-1``).
     """
     if not hasattr(chain, "graphdefs"):
-        raise TypeError(f"chain: expected a jaxalgo.models.ChainFn, got {type(chain).__name__}")
+        raise _chain_error(chain)
     if not callable(output_loss):
         raise TypeError(f"output_loss: expected a callable, got {type(output_loss).__name__}")
     feedback_init = check_feedback_init(feedback_init)
@@ -129,3 +154,26 @@ def fa(
         return loss, grads, state
 
     return Estimator(init, value_and_grad)
+
+
+@dataclasses.dataclass(frozen=True)
+class FAOptions:
+    """Feedback alignment: backprop through an MLP with each transposed weight replaced by a fixed random matrix.
+
+    Attributes:
+      init: initialisation of the fixed feedback matrices, one of FEEDBACK_INITS.
+    """
+
+    init: Literal["kaiming_uniform", "trinomial", "binomial", "identity"] = option(
+        "kaiming_uniform", flag="feedback_init"
+    )
+
+    data_parallel: ClassVar[bool] = False
+
+    def __post_init__(self):
+        check_fields(self)
+
+    def build(self, problem: Problem) -> Estimator:
+        """FA on ``problem.chain`` (DenseBlocks) and ``problem.output_loss``, its feedback from ``problem.key``."""
+        problem.require("chain", "output_loss", "key", by="fa")
+        return fa(problem.chain, problem.output_loss, feedback_init=self.init, key=problem.key)

@@ -216,21 +216,3 @@ def rank1_fallbacks(loss_fn: Callable[..., Any], params: Params, batch: Batch) -
 
     jax.eval_shape(trace, params, batch)
     return fallbacks
-
-
-RANK1_ESTIMATORS: dict[str, str] = {"fg-rank1": "mean", "frog-rank1": "orthogonal_projection"}
-"""CLI estimator names served by :func:`build_rank1_estimator`, and their aggregation."""
-
-
-def build_rank1_estimator(context: Any) -> Estimator:
-    """Builds the rank-1 estimator of a training run (``jaxalgo.estimators`` registry entry).
-
-    ``context.config.estimator`` is ``"fg-rank1"`` (mean) or ``"frog-rank1"`` (orthogonal projection);
-    ``context.config.tangents`` is the number of tangents; ``context.loss_fn`` is the loss.
-    """
-    name = context.config.estimator
-    if name not in RANK1_ESTIMATORS:
-        raise ValueError(f"estimator: {name!r} is not a rank-1 estimator; allowed: {', '.join(RANK1_ESTIMATORS)}")
-    return rank1_forward_gradient(
-        context.loss_fn, num_tangents=context.config.tangents, aggregation=RANK1_ESTIMATORS[name]
-    )

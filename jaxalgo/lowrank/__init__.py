@@ -9,11 +9,12 @@ Public API:
 - Optimizer plumbing: ``freeze_factors``, ``keep_count``, ``map_param_moments``, ``trainable_part``,
   ``with_frozen``; ``on_trainable_part`` for forward-gradient estimators.
 - OIALR: ``OIALRConfig``, ``LowRankStatus``, ``convert``, ``stability_check``, ``check_window``,
-  ``trainable_counts``, ``storage_sizes``, and ``OIALRTrainer`` (the training-loop hook).
+  ``trainable_counts``, ``storage_sizes``; ``OIALRTrainer`` (OIALR between steps on any chain and loss),
+  ``OIALRRunner`` (behind the runner protocol), ``OIALROptions`` and the catalogue ``LOWRANK``.
 """
 
 from jaxalgo.lowrank._conv import LowRankConv
-from jaxalgo.lowrank._hook import OIALRTrainer, oialr_config_from_train_config
+from jaxalgo.lowrank._hook import OIALRTrainer, estimator_for
 from jaxalgo.lowrank._layers import (
     LayerInfo,
     LowRankDense,
@@ -41,6 +42,7 @@ from jaxalgo.lowrank._optim import (
     trainable_part,
     with_frozen,
 )
+from jaxalgo.lowrank._runner import LOWRANK, NoLowRank, OIALROptions, OIALRRunner
 from jaxalgo.lowrank._svd import (
     Factors,
     ab_factors,
@@ -54,12 +56,16 @@ from jaxalgo.lowrank._svd import (
 )
 
 __all__ = [
+    "LOWRANK",
     "Factors",
     "LayerInfo",
     "LowRankConv",
     "LowRankDense",
     "LowRankStatus",
+    "NoLowRank",
     "OIALRConfig",
+    "OIALROptions",
+    "OIALRRunner",
     "OIALRTrainer",
     "ab_factors",
     "as_matrix",
@@ -69,6 +75,7 @@ __all__ = [
     "convert",
     "cutoff_rank",
     "densify_chain",
+    "estimator_for",
     "factored_is_cheaper",
     "factorize",
     "factorize_chain",
@@ -78,7 +85,6 @@ __all__ = [
     "layer_params",
     "limited_rank",
     "map_param_moments",
-    "oialr_config_from_train_config",
     "on_trainable_part",
     "rank_buckets",
     "stability_check",

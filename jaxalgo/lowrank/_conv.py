@@ -78,7 +78,9 @@ class LowRankConv(nnx.Module):
       strides, padding, input_dilation, kernel_dilation: as for ``nnx.Conv`` (``padding``: ``"SAME"``, ``"VALID"``
         or one ``(low, high)`` pair per spatial axis).
       precision: passed to the convolutions and products.
-      freeze_bases: pass ``U`` and ``V`` through ``stop_gradient`` (OIALR); ``False`` lets them train.
+      freeze_bases: pass ``U`` and ``V`` through ``stop_gradient`` (OIALR) and store them as
+        :class:`~jaxalgo.lowrank.FrozenFactor` (kept out of the optimizer); ``False`` lets them train (plain
+        ``nnx.Param``).
     """
 
     def __init__(
@@ -105,9 +107,12 @@ class LowRankConv(nnx.Module):
                 f"kernel_size/in_features: window {self.kernel_size} x {in_features} channels does not match "
                 f"U {u.shape} (rows must be prod(kernel_size) * in_features)"
             )
-        self.U = nnx.Param(jnp.asarray(u))
+        from jaxalgo.lowrank._layers import FrozenFactor  # _layers imports this module
+
+        basis = FrozenFactor if freeze_bases else nnx.Param
+        self.U = basis(jnp.asarray(u))
         self.S = nnx.Param(jnp.asarray(s))
-        self.V = nnx.Param(jnp.asarray(v))
+        self.V = basis(jnp.asarray(v))
         self.bias = nnx.Param(jnp.asarray(bias)) if bias is not None else nnx.data(None)
         self.in_features = int(in_features)
         self.out_features = int(v.shape[0])

@@ -14,7 +14,8 @@ is computed in factored form by the module itself:
 - otherwise: ``y = x (U S V^T) + b``, the dense product being cheaper.
 
 ``U`` and ``V`` pass through ``jax.lax.stop_gradient`` (OIALR freezes them; backprop then never computes their
-gradients) and :func:`jaxalgo.lowrank.freeze_factors` keeps them out of the optimizer; ``S`` and the bias train.
+gradients), are stored as :class:`FrozenFactor` (an ``nnx.Param`` subclass, so ``nnx.State`` says which leaves are
+frozen) and :func:`jaxalgo.lowrank.freeze_factors` keeps them out of the optimizer; ``S`` and the bias train.
 
 A weight of an ``nnx.LinearGeneral`` with input features ``in_shape`` (contracted over the trailing axes, no batch
 axes) and output features ``out_shape`` is viewed as the ``(prod(in_shape), prod(out_shape))`` matrix.
@@ -40,6 +41,20 @@ U_NAME, S_NAME, V_NAME = "U", "S", "V"
 FROZEN_NAMES = frozenset({U_NAME, V_NAME})
 
 
+class FrozenFactor(nnx.Param):
+    """An ``nnx.Param`` that :func:`~jaxalgo.lowrank.freeze_factors` and the other optimizer plumbing keep fixed.
+
+    The ``U`` and ``V`` of :class:`LowRankDense` / :class:`~jaxalgo.lowrank.LowRankConv` with ``freeze_bases=True``
+    (with ``freeze_bases=False`` they are plain ``nnx.Param`` s and train). Being a ``Param`` subclass, it is
+    selected by ``nnx.split(model, nnx.Param, ...)``, ``nnx.Optimizer(..., wrt=nnx.Param)`` and ``nnx.grad``, and
+    its values are checkpointed like any parameter; the leaves of ``nnx.State`` carry the type, which is how
+    :func:`~jaxalgo.lowrank.trainable_mask` recognises the frozen factors of a user's own model. ``nnx.to_pure_dict``
+    drops it (the chain's parameters stay plain dicts, recognised by their ``S``/``U``/``V`` keys) and
+    ``nnx.merge`` restores it from the graph definition. A user's own module may use it for any parameter that
+    should stay fixed (pass it through ``jax.lax.stop_gradient`` in the forward pass to skip its gradient).
+    """
+
+
 class LowRankDense(nnx.Module):
     """``y = x W + b`` with ``W = U S V^T`` kept in factored form.
 
@@ -51,7 +66,8 @@ class LowRankDense(nnx.Module):
       out_shape: the output feature shape (``prod(out_shape) == n``).
       kind: ``"linear"`` or ``"linear_general"``, the module it replaced (used by :func:`densify_chain`).
       precision: passed to the matrix products.
-      freeze_bases: pass ``U`` and ``V`` through ``stop_gradient`` (OIALR); ``False`` lets them train.
+      freeze_bases: pass ``U`` and ``V`` through ``stop_gradient`` (OIALR) and store them as :class:`FrozenFactor`
+        (kept out of the optimizer); ``False`` lets them train (plain ``nnx.Param``).
     """
 
     def __init__(
@@ -72,9 +88,10 @@ class LowRankDense(nnx.Module):
             raise ValueError(
                 f"in_shape/out_shape: {tuple(in_shape)} and {tuple(out_shape)} do not match U {u.shape}, V {v.shape}"
             )
-        self.U = nnx.Param(jnp.asarray(u))
+        basis = FrozenFactor if freeze_bases else nnx.Param
+        self.U = basis(jnp.asarray(u))
         self.S = nnx.Param(jnp.asarray(s))
-        self.V = nnx.Param(jnp.asarray(v))
+        self.V = basis(jnp.asarray(v))
         self.bias = nnx.Param(jnp.asarray(bias)) if bias is not None else nnx.data(None)
         self.in_shape = tuple(int(d) for d in in_shape)
         self.out_shape = tuple(int(d) for d in out_shape)

@@ -66,7 +66,7 @@ class OIALRConfig:
     """
 
     delay: int = 100
-    stability_frequency: int = 20
+    stability_frequency: int = dataclasses.field(default=20, metadata={"flag": "lowrank_frequency"})
     cutoff: float = 0.15
     max_cut_fraction: float = 0.5
     min_rank_fraction: float = 0.01

@@ -1,12 +1,22 @@
 """Models as chains of blocks (flax nnx), and their pure-function view.
 
-Builders: :func:`mlp`, :func:`resnet`, :func:`vit`, or :func:`build_model` by name (one of :data:`MODELS`).
+Builders: :func:`mlp`, :func:`resnet`, :func:`vit`, or :func:`build_model` by name (the catalogue :data:`MODELS`,
+one options dataclass per model; ``module:function`` names a user's own factory).
 Every model is a :class:`Chain` whose blocks hold only ``nnx.Param`` s; weight matrices are 2-D ``kernel`` s
 of ``nnx.Linear`` (``(in, out)``) or 4-D ``kernel`` s of ``nnx.Conv`` (``(kh, kw, in, out)``).
 """
 
-from jaxalgo.models._build import MODELS, build_model, model_options
-from jaxalgo.models._chain import Chain, ChainFn, ChainParams, merge_chain, split_chain
+from jaxalgo.models._build import (
+    MODELS,
+    ImportedModel,
+    MLPOptions,
+    ResNetOptions,
+    ViTOptions,
+    build_model,
+    model_entry,
+    model_options,
+)
+from jaxalgo.models._chain import BlockFns, Chain, ChainFn, ChainParams, chain_of, merge_chain, split_chain
 from jaxalgo.models._common import ACTIVATIONS
 from jaxalgo.models._mlp import DenseBlock, mlp
 from jaxalgo.models._resnet import ConvStem, PoolHead, ResidualBlock, resnet
@@ -22,21 +32,28 @@ from jaxalgo.models._vit import (
 __all__ = [
     "ACTIVATIONS",
     "MODELS",
+    "BlockFns",
     "Chain",
     "ChainFn",
     "ChainParams",
     "ConvStem",
     "DenseBlock",
+    "ImportedModel",
+    "MLPOptions",
     "PatchEmbedding",
     "PoolHead",
+    "ResNetOptions",
     "ResidualBlock",
     "SelfAttention",
     "TokenMeanHead",
     "TransformerBlock",
+    "ViTOptions",
     "build_model",
+    "chain_of",
     "default_patch_size",
     "merge_chain",
     "mlp",
+    "model_entry",
     "model_options",
     "resnet",
     "split_chain",

@@ -1,22 +1,7 @@
 """Hierarchical data parallelism: meshes, the data-parallel baseline (with a k-number path for forward gradients),
 DASO, AB-training, and communication accounting."""
 
-from jaxalgo.parallel._ab import (
-    AB,
-    AB_AXES,
-    SYNC_MODES,
-    ABConfig,
-    ABLayer,
-    ABTrainState,
-    ab_comm,
-    ab_mesh,
-    ab_schedule,
-    ab_training,
-    check_ab_mesh,
-    find_ab_layers,
-    lr_factor,
-    place_ab_state,
-)
+from jaxalgo.options import Catalogue, Entry
 from jaxalgo.parallel._collectives import (
     STATE_MERGES,
     mean_over,
@@ -56,6 +41,42 @@ from jaxalgo.parallel._mesh import (
     replicate,
     shard,
 )
+from jaxalgo.parallel._strategies import (
+    ABOptions,
+    ABRunner,
+    DasoOptions,
+    DasoRunner,
+    DataParallelRunner,
+    DDPOptions,
+    MeshRunner,
+    data_mesh,
+    group_mesh,
+)
+from jaxalgo.parallel.ab import (
+    AB,
+    AB_AXES,
+    SYNC_MODES,
+    ABConfig,
+    ABLayer,
+    ABTrainState,
+    ab_comm,
+    ab_mesh,
+    ab_schedule,
+    ab_training,
+    check_ab_mesh,
+    find_ab_layers,
+    lr_factor,
+    place_ab_state,
+)
+from jaxalgo.runner import SingleDevice
+
+STRATEGIES: Catalogue = {
+    "none": Entry(SingleDevice, help="one device"),
+    "ddp": Entry(DDPOptions, help="gradient (or k-number) all-reduce every step"),
+    "daso": Entry(DasoOptions, help="DASO: node-local averaging every step, stale global averages"),
+    "ab": Entry(ABOptions, help="AB-training: groups train low-rank factors A or B"),
+}
+"""The strategy catalogue: name -> :class:`jaxalgo.options.Entry`."""
 
 __all__ = [
     "AB",
@@ -68,17 +89,26 @@ __all__ = [
     "PHASES",
     "REDUCTIONS",
     "STATE_MERGES",
+    "STRATEGIES",
     "SYNC_MODES",
     "ABConfig",
     "ABLayer",
+    "ABOptions",
+    "ABRunner",
     "ABTrainState",
     "Collective",
     "CommReport",
+    "DDPOptions",
     "Daso",
     "DasoConfig",
+    "DasoOptions",
+    "DasoRunner",
     "DasoSchedule",
     "DasoState",
     "DasoTrainState",
+    "DataParallelRunner",
+    "MeshRunner",
+    "SingleDevice",
     "ab_comm",
     "ab_mesh",
     "ab_schedule",
@@ -89,10 +119,12 @@ __all__ = [
     "comm_report",
     "daso",
     "daso_phase",
+    "data_mesh",
     "data_parallel",
     "detect_cluster",
     "directional_value_and_grad",
     "find_ab_layers",
+    "group_mesh",
     "initial_schedule",
     "initialize_distributed",
     "lr_factor",
