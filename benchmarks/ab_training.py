@@ -34,9 +34,8 @@ import numpy as np  # noqa: E402
 from _timing import median_seconds  # noqa: E402  (same directory)
 
 from jaxalgo import parallel as par  # noqa: E402
-from jaxalgo.config import TrainConfig  # noqa: E402
-from jaxalgo.parallel._train import ABRunner, DataParallelRunner  # noqa: E402
-from jaxalgo.train import setup, train_and_evaluate  # noqa: E402
+from jaxalgo.config import RunConfig  # noqa: E402
+from jaxalgo.train import make_runner, setup, train_and_evaluate  # noqa: E402
 
 COMMON = {"epochs": 20, "seed": 0, "mesh": "2x4", "quiet": True}
 AB = {"parallel": "ab", "ab_steps_between_syncs": 20, "ab_ddp_steps_after_sync": 1}
@@ -46,6 +45,12 @@ RUNS = {
     "vit": ({"model": "vit"}, 0.3),
 }
 REPEATS = 30
+
+
+def runner_of(config):
+    """The runner a training run of ``config`` uses (an ``ABRunner`` or a ``DataParallelRunner`` here)."""
+    experiment = setup(config)
+    return make_runner(config, experiment), experiment
 
 
 def digits_batch(experiment):
@@ -83,11 +88,10 @@ def group_overheads(ab, state, group_bytes):
 
 def digits_run(name, model, cutoff, root):
     ddp_dir, ab_dir = f"{root}/{name}_ddp", f"{root}/{name}_ab"
-    ddp = train_and_evaluate(TrainConfig(**COMMON, **model, parallel="ddp"), ddp_dir)
-    config = TrainConfig(**COMMON, **model, **AB, ab_cutoff=cutoff)
+    ddp = train_and_evaluate(RunConfig.from_flags(**COMMON, **model, parallel="ddp"), ddp_dir)
+    config = RunConfig.from_flags(**COMMON, **model, **AB, ab_cutoff=cutoff)
     ab = train_and_evaluate(config, ab_dir)
-    experiment = setup(config)
-    runner = ABRunner(experiment)
+    runner, experiment = runner_of(config)
     state = ab["state"]
     ddp_all, ddp_cross = run_average(ddp_dir)
     ab_all, ab_cross = run_average(ab_dir)
@@ -120,9 +124,8 @@ def digits_run(name, model, cutoff, root):
 
 
 def eighth_rank(model, sync_mode="full"):
-    config = TrainConfig(**COMMON, **AB, model=model, ab_cutoff=0.3, ab_sync_mode=sync_mode)
-    experiment = setup(config)
-    runner = ABRunner(experiment)
+    config = RunConfig.from_flags(**COMMON, **AB, model=model, ab_cutoff=0.3, ab_sync_mode=sync_mode)
+    runner, experiment = runner_of(config)
     fresh = runner.init(experiment.init_state())
     eighth = {x.name: max(1, x.full_rank // 8) for x in runner.ab.layers}
     state = runner.ab.factorize(fresh, ranks=eighth)
@@ -148,7 +151,7 @@ def step_times(runner, state, experiment):
     sharded = par.shard(digits_batch(experiment), runner.mesh)
     group = median_seconds(runner.ab.steps["group"], state, sharded, runner.run_key, 1.0, repeats=REPEATS)
     ab_ddp = median_seconds(runner.ab.steps["ddp"], state, sharded, runner.run_key, 1.0, repeats=REPEATS)
-    ddp_runner = DataParallelRunner(setup(TrainConfig(**COMMON, parallel="ddp")))
+    ddp_runner, _ = runner_of(RunConfig.from_flags(**COMMON, parallel="ddp"))
     ddp_state = ddp_runner.init(experiment.init_state())
     base = median_seconds(ddp_runner.train_step, ddp_state, sharded, ddp_runner.run_key, repeats=REPEATS)
     print(

@@ -30,7 +30,7 @@ import optax
 
 import jaxalgo
 from jaxalgo import lowrank
-from jaxalgo.config import TrainConfig
+from jaxalgo.config import RunConfig
 from jaxalgo.train import TrainState, make_loss_fn, make_train_step, train_and_evaluate
 
 BATCH, CONV_BATCH, REPEATS, STEPS = 256, 32, 7, 10
@@ -100,7 +100,7 @@ def step_times(chain: jaxalgo.models.Chain, batch: dict[str, jax.Array], title: 
 
 
 def oialr_runs() -> dict[str, dict[str, float]]:
-    base = TrainConfig(epochs=12, quiet=True, seed=0)
+    base = RunConfig.from_flags(epochs=12, quiet=True, seed=0)
     oialr = {"lowrank": "oialr", "lowrank_delay": 44, "lowrank_frequency": 11, "lowrank_cutoff": 0.4}
     runs = {
         "full_rank": {},
@@ -114,7 +114,7 @@ def oialr_runs() -> dict[str, dict[str, float]]:
     print(f" {'checks':>6} {'compiles':>8} {'seconds':>7}")
     for name, extra in runs.items():
         with tempfile.TemporaryDirectory() as workdir:
-            final = train_and_evaluate(TrainConfig(**{**base.__dict__, **extra}), workdir)
+            final = train_and_evaluate(base.with_flags(**extra), workdir)
             checks = 0
             with open(f"{workdir}/metrics.jsonl") as f:
                 checks = sum(1 for line in f if json.loads(line).get("event") == "oialr_check")

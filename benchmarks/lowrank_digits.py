@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from jaxalgo.config import TrainConfig
+from jaxalgo.config import RunConfig
 from jaxalgo.train import train_and_evaluate
 
 RUNS = {
@@ -56,7 +56,7 @@ def main(names: tuple[str, ...] = tuple(RUNS)) -> None:
         finals = []
         for extra in ({}, oialr):
             with tempfile.TemporaryDirectory() as workdir:
-                final = train_and_evaluate(TrainConfig(quiet=True, seed=0, **base, **extra), workdir)
+                final = train_and_evaluate(RunConfig.from_flags(quiet=True, seed=0, **base, **extra), workdir)
             final.pop("state")
             finals.append(final)
         full, low = finals

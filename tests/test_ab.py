@@ -378,10 +378,10 @@ def test_cli_flags_reach_the_config():
         "train --parallel ab --mesh 2x4 --ab-warmup-steps 7 --ab-steps-between-syncs 9 --ab-ddp-steps-after-sync 2 "
         "--ab-sync-mode only-learned --ab-cutoff 0.25 --ab-lr-rebound-steps 3 --ab-bucket-ratio 1.5".split()
     )
-    config = config_from_args(args)
-    assert (config.parallel, config.mesh, config.ab_sync_mode) == ("ab", "2x4", "only-learned")
-    assert (config.ab_warmup_steps, config.ab_steps_between_syncs, config.ab_ddp_steps_after_sync) == (7, 9, 2)
-    assert (config.ab_cutoff, config.ab_lr_rebound_steps, config.ab_bucket_ratio) == (0.25, 3, 1.5)
+    config = config_from_args(args).flags()
+    assert (config["parallel"], config["mesh"], config["ab_sync_mode"]) == ("ab", "2x4", "only-learned")
+    assert (config["ab_warmup_steps"], config["ab_steps_between_syncs"], config["ab_ddp_steps_after_sync"]) == (7, 9, 2)
+    assert (config["ab_cutoff"], config["ab_lr_rebound_steps"], config["ab_bucket_ratio"]) == (0.25, 3, 1.5)
 
 
 # Both sides of the multi-process test run this: warm-up, re-SVD with the agreed cut, group steps, syncs.

@@ -37,8 +37,8 @@ def test_cli_flags_reach_the_config():
     args = build_parser().parse_args(
         ["train", "--lowrank", "oialr", "--lowrank-delay", "7", "--lowrank-frequency", "3", "--lowrank-cutoff", "0.3"]
     )
-    config = config_from_args(args)
-    assert (config.lowrank, config.lowrank_delay, config.lowrank_frequency, config.lowrank_cutoff) == (
+    config = config_from_args(args).flags()
+    assert (config["lowrank"], config["lowrank_delay"], config["lowrank_frequency"], config["lowrank_cutoff"]) == (
         "oialr",
         7,
         3,
@@ -70,7 +70,7 @@ def test_oialr_run_converts_cuts_and_resumes_exactly(tmp_path):
     loaded = load_final_params(tmp_path / "full", SMALL)
     chex.assert_trees_all_close(loaded.params, full["state"].params)
     # resume from the checkpoint of step 35 (after conversion and a cut): the same end state
-    half = RunConfig.from_flags(**{**SMALL.__dict__, "epochs": 2})
+    half = SMALL.with_flags(**{"epochs": 2})
     train_and_evaluate(half, tmp_path / "split")
     resumed = train_and_evaluate(SMALL, tmp_path / "split", resume=True)
     assert int(resumed["state"].step) == int(full["state"].step)
@@ -81,7 +81,7 @@ def test_oialr_run_converts_cuts_and_resumes_exactly(tmp_path):
 
 
 def test_step_zero_conversion_and_factored_params(tmp_path):
-    config = RunConfig.from_flags(**{**SMALL.__dict__, "epochs": 1, "lowrank_delay": 0, "checkpoint_every": 0})
+    config = SMALL.with_flags(**{"epochs": 1, "lowrank_delay": 0, "checkpoint_every": 0})
     final = train_and_evaluate(config, tmp_path)
     params = final["state"].params
     assert set(params[0]["linear"]) == {"U", "S", "V", "bias"}
@@ -97,14 +97,14 @@ def test_after_conversion_forward_gradients_draw_tangents_on_the_trainable_leave
 
     from jaxalgo import lowrank
     from jaxalgo.data import iterate_batches
-    from jaxalgo.train import make_loss_fn, setup
+    from jaxalgo.train import make_loss_fn, make_runner, setup
 
     def converted(tangents):
         config = RunConfig.from_flags(
             hidden=(8,), estimator="frog", tangents=tangents, lowrank="oialr", lowrank_delay=0
         )
         experiment = setup(config)
-        trainer = lowrank.OIALRTrainer(experiment, lowrank.oialr_config_from_train_config(config))
+        trainer = make_runner(config, experiment).trainer
         return experiment, trainer, trainer.after_step(0, experiment.init_state())
 
     _, _, state = converted(1)
@@ -117,3 +117,36 @@ def test_after_conversion_forward_gradients_draw_tangents_on_the_trainable_leave
     exact = jax.grad(make_loss_fn(trainer.chain, experiment.output_loss))(state.params, batch)
     scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(exact))
     chex.assert_trees_all_close(grads, exact, atol=1e-3 * scale)
+
+
+def test_oialr_on_a_users_own_model_keeps_the_users_loss_after_conversion():
+    """No Experiment, no run configuration: a plain chain, a 10x-scaled loss given as ``loss_of_chain``. After the
+    conversion the step still computes that loss (the old hook silently rebuilt the configured one, 10x smaller);
+    without ``loss_of_chain`` the trainer refuses instead of guessing."""
+    import jax
+    import numpy as np
+    import optax
+
+    from jaxalgo import grads, losses, lowrank, models
+
+    fn, params = models.split_chain(models.mlp((12,), 5, hidden=(16,), key=jax.random.key(0)))
+    x = jax.random.normal(jax.random.key(1), (32, 12))
+    batch = {"x": x, "y": jax.random.randint(jax.random.key(2), (32,), 0, 5), "idx": np.arange(32)}
+
+    def loss_of_chain(chain):
+        return lambda p, b: 10.0 * losses.softmax_cross_entropy(chain.apply(p, b["x"]), b["y"])
+
+    problem = grads.Problem(loss_of_chain(fn), fn, loss_of_chain=loss_of_chain)
+    trainer = lowrank.OIALRTrainer(
+        problem, params, optax.adam(1e-3), lowrank.OIALRConfig(delay=0), build_estimator=grads.BackpropOptions().build
+    )
+    state = trainer.after_step(0, trainer.init_state(params))
+    assert trainer.status.converted and trainer.chain is not fn
+    expected = 10.0 * float(losses.softmax_cross_entropy(trainer.chain.apply(state.params, x), batch["y"]))
+    _, loss = trainer.train_step(state, batch, jax.random.key(3))
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="problem: OIALR needs loss_of_chain"):
+        lowrank.OIALRTrainer(
+            grads.Problem(loss_of_chain(fn), fn), params, optax.adam(1e-3), lowrank.OIALRConfig(),
+            build_estimator=grads.BackpropOptions().build,
+        )  # fmt: skip

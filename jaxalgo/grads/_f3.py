@@ -73,6 +73,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import typing
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal, NamedTuple
@@ -88,7 +89,7 @@ from jaxalgo.grads._feedback import check_feedback_init, feedback_matrices
 from jaxalgo.models._chain import Chain, chain_of
 from jaxalgo.options import check_fields, option
 
-F3_VARIANTS: tuple[str, ...] = (
+F3Variant = Literal[
     "delayed_error",
     "delayed_loss",
     "delayed_error_one_hot",
@@ -98,7 +99,8 @@ F3_VARIANTS: tuple[str, ...] = (
     "current_error",
     "one_hot_target",
     "zeros",
-)
+]
+F3_VARIANTS: tuple[str, ...] = typing.get_args(F3Variant)
 DELAYED_VARIANTS: tuple[str, ...] = tuple(v for v in F3_VARIANTS if v.startswith("delayed"))
 MODES: tuple[str, ...] = ("per_block", "surrogate")
 HIDDEN_REDUCTIONS: tuple[str, ...] = ("sum", "mean")
@@ -704,17 +706,7 @@ class FeedbackOptions:
       reduction: sum (the F3 reference's) or mean over the batch for the hidden blocks' updates.
     """
 
-    variant: Literal[
-        "delayed_error",
-        "delayed_loss",
-        "delayed_error_one_hot",
-        "delayed_loss_one_hot",
-        "delayed_error_softmax",
-        "delayed_loss_softmax",
-        "current_error",
-        "one_hot_target",
-        "zeros",
-    ] = option("delayed_error", flag="f3_variant")
+    variant: F3Variant = option("delayed_error", flag="f3_variant")
     init: Literal["kaiming_uniform", "trinomial", "binomial", "identity"] = option(
         "kaiming_uniform", flag="feedback_init"
     )

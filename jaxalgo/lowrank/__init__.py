@@ -6,8 +6,10 @@ Public API:
   ``cutoff_rank``, ``limited_rank``, ``rank_buckets``, ``bucket_size``, ``Factors``.
 - Factorised layers: ``LowRankDense``, ``LowRankConv``, ``factorize_chain``, ``densify_chain``, ``find_layers``,
   ``LayerInfo``, ``factored_is_cheaper``, ``layer_params``, ``with_layer_params``.
-- Optimizer plumbing: ``freeze_factors``, ``keep_count``, ``map_param_moments``, ``trainable_part``,
-  ``with_frozen``; ``on_trainable_part`` for forward-gradient estimators.
+- Optimizer plumbing (any pytree: plain or linen-style dicts, ``nnx.State`` via the :class:`FrozenFactor` type,
+  equinox partitions via an explicit ``mask``): ``freeze_factors``, ``trainable_mask``, ``trainable_part``,
+  ``fill_frozen``, ``with_frozen``, ``keep_count``, ``map_param_moments``;
+  ``on_trainable_part`` for forward-gradient estimators.
 - OIALR: ``OIALRConfig``, ``LowRankStatus``, ``convert``, ``stability_check``, ``check_window``,
   ``trainable_counts``, ``storage_sizes``; ``OIALRTrainer`` (OIALR between steps on any chain and loss),
   ``OIALRRunner`` (behind the runner protocol), ``OIALROptions`` and the catalogue ``LOWRANK``.
@@ -35,10 +37,12 @@ from jaxalgo.lowrank._oialr import (
     trainable_counts,
 )
 from jaxalgo.lowrank._optim import (
+    fill_frozen,
     freeze_factors,
     keep_count,
     map_param_moments,
     on_trainable_part,
+    trainable_mask,
     trainable_part,
     with_frozen,
 )
@@ -54,10 +58,12 @@ from jaxalgo.lowrank._svd import (
     limited_rank,
     rank_buckets,
 )
+from jaxalgo.lowrank._variables import FrozenFactor
 
 __all__ = [
     "LOWRANK",
     "Factors",
+    "FrozenFactor",
     "LayerInfo",
     "LowRankConv",
     "LowRankDense",
@@ -79,6 +85,7 @@ __all__ = [
     "factored_is_cheaper",
     "factorize",
     "factorize_chain",
+    "fill_frozen",
     "find_layers",
     "freeze_factors",
     "keep_count",
@@ -90,6 +97,7 @@ __all__ = [
     "stability_check",
     "storage_sizes",
     "trainable_counts",
+    "trainable_mask",
     "trainable_part",
     "with_frozen",
     "with_layer_params",

@@ -29,6 +29,7 @@ from flax import nnx
 from flax.nnx.nn.linear import canonicalize_padding
 
 from jaxalgo.lowrank._svd import Factors, factored_is_cheaper, host_compose
+from jaxalgo.lowrank._variables import FrozenFactor
 
 Padding = str | tuple[tuple[int, int], ...]
 
@@ -107,7 +108,6 @@ class LowRankConv(nnx.Module):
                 f"kernel_size/in_features: window {self.kernel_size} x {in_features} channels does not match "
                 f"U {u.shape} (rows must be prod(kernel_size) * in_features)"
             )
-        from jaxalgo.lowrank._layers import FrozenFactor  # _layers imports this module
 
         basis = FrozenFactor if freeze_bases else nnx.Param
         self.U = basis(jnp.asarray(u))

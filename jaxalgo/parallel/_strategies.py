@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from jaxalgo.grads import EstimatorOptions
-from jaxalgo.options import option
+from jaxalgo.options import check_fields, option
 from jaxalgo.parallel._comm import comm_report
 from jaxalgo.parallel._daso import DasoConfig, DasoTrainState, daso, update_schedule
 from jaxalgo.parallel._data_parallel import data_parallel
@@ -100,7 +100,7 @@ class DataParallelRunner(MeshRunner):
     """DDP: the training step of :func:`jaxalgo.runner.make_train_step` on a data-parallel estimator."""
 
     def __init__(self, experiment: Experiment, options: DDPOptions):
-        super().__init__(experiment, data_mesh(options.mesh))
+        super().__init__(experiment, options.mesh_on())
         estimator = data_parallel(experiment.estimator, self.mesh, reduce=options.reduce)
         self.train_step = make_train_step(estimator, experiment.optimizer)
 
@@ -122,7 +122,7 @@ class DasoRunner(MeshRunner):
     """DASO: per-phase steps chosen on the host from the step index and the schedule kept in the state."""
 
     def __init__(self, experiment: Experiment, options: DasoOptions):
-        super().__init__(experiment, data_mesh(options.mesh))
+        super().__init__(experiment, options.mesh_on())
         self.config = options.config
         self.daso = daso(experiment.estimator, experiment.optimizer, self.mesh, self.config, reduce=options.reduce)
         self._steps_per_epoch = experiment.steps_per_epoch
@@ -188,7 +188,7 @@ class ABRunner(MeshRunner):
     """AB-training: the host runs the schedule's transitions (sync, re-SVD) and picks each step's program."""
 
     def __init__(self, experiment: Experiment, options: ABOptions):
-        super().__init__(experiment, group_mesh(options.mesh, options.config.sync_mode))
+        super().__init__(experiment, options.mesh_on())
         self.config = options.config
         self.ab = ab_training(
             experiment.estimator,
@@ -267,8 +267,32 @@ def _check_estimator(estimator: EstimatorOptions) -> None:
         )
 
 
+class MeshStrategy:
+    """What the multi-device strategies' options share: validation, the capability check and the runner.
+
+    Subclasses are frozen dataclasses with a ``mesh`` field and set ``runner`` (the runner class, built as
+    ``runner(experiment, options)``); AB-training overrides :meth:`mesh_on` for its group mesh.
+    """
+
+    single_device: ClassVar[bool] = False
+    runner: ClassVar[type]
+
+    def __post_init__(self):
+        check_fields(self)
+
+    def mesh_on(self, devices: Sequence[jax.Device] | None = None):
+        return data_mesh(self.mesh, devices)
+
+    def check(self, estimator: EstimatorOptions, *, batch_size: int, devices: Sequence[jax.Device]) -> None:
+        _check_estimator(estimator)
+        check_divisible(batch_size, self.mesh_on(devices))
+
+    def make_runner(self, experiment: Experiment) -> MeshRunner:
+        return self.runner(experiment, self)
+
+
 @dataclasses.dataclass(frozen=True)
-class DDPOptions:
+class DDPOptions(MeshStrategy):
     """DDP: per-shard estimates with the same key and one all-reduce per step (:func:`jaxalgo.parallel.data_parallel`).
 
     Attributes:
@@ -280,18 +304,11 @@ class DDPOptions:
 
     mesh: str = ""
     reduce: Reduction = option("auto", flag="parallel_reduce")
-    single_device: ClassVar[bool] = False
-
-    def check(self, estimator: EstimatorOptions, *, batch_size: int, devices: Sequence[jax.Device]) -> None:
-        _check_estimator(estimator)
-        check_divisible(batch_size, data_mesh(self.mesh, devices))
-
-    def make_runner(self, experiment: Experiment) -> DataParallelRunner:
-        return DataParallelRunner(experiment, self)
+    runner: ClassVar[type] = DataParallelRunner
 
 
 @dataclasses.dataclass(frozen=True)
-class DasoOptions:
+class DasoOptions(MeshStrategy):
     """DASO (Coquelin et al. 2022): node-local averaging every step, a stale global average every few steps.
 
     Attributes:
@@ -303,18 +320,11 @@ class DasoOptions:
     mesh: str = ""
     reduce: Reduction = option("auto", flag="parallel_reduce")
     config: DasoConfig = option(default_factory=DasoConfig, prefix="daso_")
-    single_device: ClassVar[bool] = False
-
-    def check(self, estimator: EstimatorOptions, *, batch_size: int, devices: Sequence[jax.Device]) -> None:
-        _check_estimator(estimator)
-        check_divisible(batch_size, data_mesh(self.mesh, devices))
-
-    def make_runner(self, experiment: Experiment) -> DasoRunner:
-        return DasoRunner(experiment, self)
+    runner: ClassVar[type] = DasoRunner
 
 
 @dataclasses.dataclass(frozen=True)
-class ABOptions:
+class ABOptions(MeshStrategy):
     """AB-training (Coquelin et al., arXiv 2405.01067) on a ``("group", "dp")`` mesh.
 
     Attributes:
@@ -324,14 +334,10 @@ class ABOptions:
 
     mesh: str = ""
     config: ABConfig = option(default_factory=ABConfig, prefix="ab_")
-    single_device: ClassVar[bool] = False
+    runner: ClassVar[type] = ABRunner
 
-    def check(self, estimator: EstimatorOptions, *, batch_size: int, devices: Sequence[jax.Device]) -> None:
-        _check_estimator(estimator)
-        check_divisible(batch_size, group_mesh(self.mesh, self.config.sync_mode, devices))
-
-    def make_runner(self, experiment: Experiment) -> ABRunner:
-        return ABRunner(experiment, self)
+    def mesh_on(self, devices: Sequence[jax.Device] | None = None):
+        return group_mesh(self.mesh, self.config.sync_mode, devices)
 
 
 __all__ = [
@@ -342,6 +348,7 @@ __all__ = [
     "DasoRunner",
     "DataParallelRunner",
     "MeshRunner",
+    "MeshStrategy",
     "data_mesh",
     "group_mesh",
 ]
