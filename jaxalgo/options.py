@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib
+import operator
 import re
 import types
 import typing
@@ -151,7 +152,7 @@ def _own_attribute_docs(doc: str) -> dict[str, str]:
     if not found:
         return {}
     docs: dict[str, str] = {}
-    current = None
+    current, indent = None, 0
     for line in section.splitlines()[1:]:
         match = re.match(r"^(\s+)(\w+): (.*)$", line)
         if match and (current is None or len(match.group(1)) <= indent):
@@ -198,7 +199,7 @@ def _optional(tp: Any) -> tuple[Any, bool]:
     args = typing.get_args(tp)
     if (typing.get_origin(tp) in (typing.Union, types.UnionType)) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
-        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
+        return functools.reduce(operator.or_, rest), True
     return tp, False
 
 

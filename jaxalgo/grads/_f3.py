@@ -73,8 +73,8 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import typing
 import math
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal, NamedTuple
 

@@ -127,7 +127,8 @@ class ImportedModel:
         if isinstance(model, nnx.Module):
             return Chain([model])
         raise ValueError(
-            f"model: {self.target!r} returned a {type(model).__name__}; expected a jaxalgo.models.Chain or an nnx.Module"
+            f"model: {self.target!r} returned a {type(model).__name__}; "
+            "expected a jaxalgo.models.Chain or an nnx.Module"
         )
 
 
