@@ -202,7 +202,7 @@ def test_a_users_own_model_and_data_plug_into_the_cli(extra, tmp_path):
 
 def test_a_single_module_is_a_chain_of_one_block_and_bad_targets_are_named(tmp_path):
     argv = ["train", "--model", "tests._user_plugins:one_module", "--dataset", "tests._user_plugins:blobs"]
-    assert cli.main([*argv, "--epochs", "2", "--lr", "1e-2", "--quiet", "--workdir", str(tmp_path / "a")]) == 0
+    assert cli.main([*argv, "--epochs", "6", "--lr", "5e-2", "--quiet", "--workdir", str(tmp_path / "a")]) == 0
     assert _final(tmp_path / "a")["test_accuracy"] > 0.6
     with pytest.raises(ValueError, match=r"model: module .tests\._user_plugins. has no callable .nothing."):
         train_and_evaluate(RunConfig(model="tests._user_plugins:nothing", quiet=True), tmp_path / "b")

@@ -345,8 +345,8 @@ def test_digits_frog_ddp_2x4_reaches_the_single_device_accuracy(tmp_path):
 
 
 def test_bad_parallel_reduce_fails_before_training(tmp_path):
-    config = RunConfig.from_flags(**{**DIGITS, "epochs": 1, "parallel": "ddp", "mesh": "2x4", "parallel_reduce": "k"})
+    flags = {**DIGITS, "epochs": 1, "parallel": "ddp", "mesh": "2x4", "parallel_reduce": "k"}
     message = r"parallel_reduce: got 'k'; allowed: auto, directional, gradients"
     with pytest.raises(ValueError, match=message):
-        train_and_evaluate(config, tmp_path / "run")
+        train_and_evaluate(RunConfig.from_flags(**flags), tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
