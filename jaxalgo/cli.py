@@ -85,14 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _start_devices(args: argparse.Namespace) -> None:
-    """Simulated devices and jax.distributed, before anything touches a device."""
+def _start_devices(args: argparse.Namespace, config: RunConfig) -> None:
+    """Simulated devices and jax.distributed, before anything touches a device (a multi-device strategy under a
+    cluster's scheduler starts jax.distributed from its environment)."""
     explicit = (args.coordinator, args.num_processes, args.process_id)
-    parallel = getattr(args, "parallel", "none")
+    multi_device = not type(config.parallel.options).single_device
     if (
         any(v is not None for v in explicit)
         or args.devices is not None
-        or (parallel != "none" and detect_cluster() is not None)
+        or (multi_device and detect_cluster() is not None)
     ):
         initialize_distributed(*explicit, local_device_count=args.devices)
 
@@ -108,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
-        _start_devices(args)
+        _start_devices(args, config)
     except ValueError as error:
         print(f"jaxalgo: error: {error}", file=sys.stderr)
         return 2

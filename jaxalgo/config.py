@@ -26,45 +26,34 @@ from jaxalgo.options import Entry, Flag, attribute_docs, check_fields, flags_of,
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """One family of choices: its catalogue, how a name is looked up, and the noun of its errors.
+    """One family of choices: its catalogue and the noun of its errors.
 
     Attributes:
       name: the configuration field and flag (``estimator``).
       default: the default entry's name.
-      lookup: ``lookup(name) -> Entry`` (models also take ``module:function``).
-      entries: the catalogue, for listing and ``--help``.
+      entries: the catalogue.
       noun: what an unknown name is called in errors (``unknown mode 'x'``).
+      find: how a name is looked up, when more than the catalogue's names are allowed (models: ``module:function``).
     """
 
     name: str
     default: str
-    lookup: Callable[[str], Entry]
     entries: Mapping[str, Entry]
     noun: str
+    find: Callable[[str], Entry] | None = None
 
-
-def _catalogue_lookup(catalogue: Mapping[str, Entry], family: str, noun: str) -> Callable[[str], Entry]:
-    return lambda name: pick(catalogue, name, family=family, noun=noun)
+    def lookup(self, name: str) -> Entry:
+        if self.find is not None:
+            return self.find(name)
+        return pick(self.entries, name, family=self.name, noun=self.noun)
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("model", "mlp", models.model_entry, models.MODELS, "model"),
-    Family(
-        "estimator",
-        "backprop",
-        _catalogue_lookup(grads.ESTIMATORS, "estimator", "estimator"),
-        grads.ESTIMATORS,
-        "estimator",
-    ),
-    Family(
-        "optimizer",
-        "adam",
-        _catalogue_lookup(optimizers.OPTIMIZERS, "optimizer", "optimizer"),
-        optimizers.OPTIMIZERS,
-        "optimizer",
-    ),
-    Family("parallel", "none", _catalogue_lookup(parallel.STRATEGIES, "parallel", "mode"), parallel.STRATEGIES, "mode"),
-    Family("lowrank", "none", _catalogue_lookup(lowrank.LOWRANK, "lowrank", "method"), lowrank.LOWRANK, "method"),
+    Family("model", "mlp", models.MODELS, "model", find=models.model_entry),
+    Family("estimator", "backprop", grads.ESTIMATORS, "estimator"),
+    Family("optimizer", "adam", optimizers.OPTIMIZERS, "optimizer"),
+    Family("parallel", "none", parallel.STRATEGIES, "mode"),
+    Family("lowrank", "none", lowrank.LOWRANK, "method"),
 )
 FAMILY_NAMES: tuple[str, ...] = tuple(f.name for f in FAMILIES)
 
@@ -246,7 +235,7 @@ def _check_applicable(family: Family, name: str, entry: Entry, values: Mapping[s
             raise ValueError(
                 f"{flag}: {family.name} {name!r} always uses {fixed!r}, got {values[flag]!r}; choose another "
                 f"{family.name} (one that leaves {flag} free: "
-                f"{', '.join(n for f, n in owners if f is family and n != name)})"
+                f"{', '.join(n for n, e in family.entries.items() if any(f.name == flag for f in e.flags))})"
             )
         if any(owner is not family for owner, _ in owners):
             continue  # the flag also belongs to another family, which takes it

@@ -55,13 +55,11 @@ def check_capabilities(config: RunConfig) -> None:
             f"parallel: estimator {config.estimator.name!r} runs on one device only (its estimator state is per "
             f"run); got parallel={config.parallel.name!r}"
         )
-    if config.lowrank.name != "none":
-        try:
-            config.lowrank.options.check(strategy)
-        except ValueError:
-            raise ValueError(
-                f"lowrank: {config.lowrank.name!r} runs on one device only; got parallel={config.parallel.name!r}"
-            ) from None
+    try:
+        config.lowrank.options.check(strategy)
+    except ValueError as error:
+        reason = str(error).removeprefix("lowrank: ")
+        raise ValueError(f"lowrank: {config.lowrank.name!r} with parallel={config.parallel.name!r}: {reason}") from None
 
 
 def _output_loss(config: RunConfig, dataset: data.Dataset) -> tuple[str, losses.OutputLoss]:

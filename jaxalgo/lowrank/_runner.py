@@ -81,7 +81,7 @@ class OIALROptions(OIALRConfig):
     def check(self, strategy: StrategyOptions) -> None:
         if not type(strategy).single_device:
             raise ValueError(
-                f"lowrank: OIALR changes the model between steps and runs on one device only; "
+                "lowrank: OIALR changes the model between steps and runs on one device only; "
                 f"got the multi-device strategy {type(strategy).__name__}"
             )
 

@@ -23,7 +23,6 @@ from jax.sharding import PartitionSpec as P
 from jaxalgo.grads import EstimatorOptions
 from jaxalgo.options import check_fields, option
 from jaxalgo.parallel._comm import comm_report
-from jaxalgo.parallel._daso import DasoConfig, DasoTrainState, daso, update_schedule
 from jaxalgo.parallel._data_parallel import data_parallel
 from jaxalgo.parallel._mesh import check_divisible, make_mesh, parse_mesh_shape, place, replicate, shard
 from jaxalgo.parallel._traffic import TrafficMeter
@@ -37,6 +36,7 @@ from jaxalgo.parallel.ab import (
     check_ab_mesh,
     lr_factor,
 )
+from jaxalgo.parallel.daso import DasoConfig, DasoTrainState, daso, update_schedule
 from jaxalgo.runner import Experiment, RunnerBase, make_train_step
 
 Reduction = Literal["auto", "directional", "gradients"]

@@ -1,0 +1,112 @@
+""":func:`daso`: DASO's programs for one estimator, optimizer and mesh, gathered in a :class:`Daso`."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from jaxalgo.grads import Estimator
+from jaxalgo.parallel._collectives import STATE_MERGES
+from jaxalgo.parallel._data_parallel import reshard
+from jaxalgo.parallel._forward_dp import check_reduce
+from jaxalgo.parallel._mesh import LOCAL_AXIS, NODE_AXIS
+from jaxalgo.parallel.daso._config import PHASES, DasoConfig
+from jaxalgo.parallel.daso._schedule import DasoSchedule, daso_phase
+from jaxalgo.parallel.daso._state import REPLICATED, DasoTrainState, Layout, init_state
+from jaxalgo.parallel.daso._steps import make_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Daso:
+    """DASO training steps for one estimator, optimizer and mesh; build it with :func:`daso`.
+
+    Attributes:
+      init: ``init(params) -> DasoTrainState`` placed on the mesh.
+      steps: one jitted ``step(state, batch, run_key) -> (state, loss_per_node)`` per phase in :data:`PHASES`
+        (state donated; ``loss_per_node`` has shape ``(P,)``, each node's average shard loss).
+      consensus: ``consensus(params) -> params``, the average over nodes (replicated), for evaluation.
+      phase: ``phase(step, *, steps_per_epoch, total_epochs, schedule) -> str``.
+    """
+
+    config: DasoConfig
+    mesh: Mesh
+    init: Callable[[Any], DasoTrainState]
+    steps: dict[str, Callable[..., tuple[DasoTrainState, jax.Array]]]
+    consensus: Callable[[Any], Any]
+    node_axis: str
+    local_axis: str
+
+    @property
+    def num_nodes(self) -> int:
+        return self.mesh.shape[self.node_axis]
+
+    def phase(self, step: int, *, steps_per_epoch: int, total_epochs: int, schedule: DasoSchedule) -> str:
+        return daso_phase(
+            step,
+            steps_per_epoch=steps_per_epoch,
+            total_epochs=total_epochs,
+            global_skip=int(schedule.global_skip),
+            batches_to_wait=int(schedule.batches_to_wait),
+            config=self.config,
+        )
+
+
+def consensus(mesh: Mesh, params: Any) -> Any:
+    """The average of the per-node ``params`` over the nodes, replicated on ``mesh``."""
+    return jax.tree.map(lambda x: reshard(jnp.mean(x, axis=0).astype(x.dtype), mesh, REPLICATED), params)
+
+
+def daso(
+    estimator: Estimator,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    config: DasoConfig | None = None,
+    *,
+    node_axis: str = NODE_AXIS,
+    local_axis: str = LOCAL_AXIS,
+    state_merge: str = "delta_sum",
+    reduce: str = "auto",
+) -> Daso:
+    """Builds DASO's per-phase training steps (see :mod:`jaxalgo.parallel.daso` for the algorithm).
+
+    Args:
+      estimator: any estimator (backprop, forward gradients, F3, ...); it sees one device's shard of the batch and
+        the step's key ``fold_in(run_key, step)``, the same on every device.
+      optimizer: any optax optimizer; each node runs its own copy.
+      mesh: a two-level mesh with axes ``node_axis`` (across nodes) and ``local_axis`` (within a node).
+      config: :class:`DasoConfig` (default: the paper's settings).
+      node_axis, local_axis: the mesh axis names of the two levels.
+      state_merge: how the estimator's per-device states are combined (see ``merge_replicated_state``).
+      reduce: the node-local average: ``"auto"`` (the ``k`` directional derivatives for an estimator with a
+        directional split, else the gradients), ``"directional"`` or ``"gradients"`` (see
+        :func:`jaxalgo.parallel.data_parallel`). The global averages are of parameters either way.
+
+    Returns:
+      A :class:`Daso` with ``init``, the per-phase ``steps``, ``consensus`` and ``phase``.
+    """
+    config = DasoConfig() if config is None else config
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh: expected a jax.sharding.Mesh, got {type(mesh).__name__}")
+    for name, axis in (("node_axis", node_axis), ("local_axis", local_axis)):
+        if axis not in mesh.axis_names:
+            raise ValueError(f"{name}: {axis!r} is not an axis of the mesh {tuple(mesh.axis_names)}")
+    if state_merge not in STATE_MERGES:
+        raise ValueError(f"state_merge: unknown merge {state_merge!r}; allowed: {', '.join(STATE_MERGES)}")
+    directional = check_reduce(reduce, getattr(estimator, "split", None))
+    layout = Layout(config, mesh, node_axis, local_axis, state_merge, directional)
+    return Daso(
+        config=config,
+        mesh=mesh,
+        init=functools.partial(init_state, layout, estimator, optimizer),
+        steps={phase: make_step(layout, estimator, optimizer, phase) for phase in PHASES},
+        consensus=jax.jit(functools.partial(consensus, mesh)),
+        node_axis=node_axis,
+        local_axis=local_axis,
+    )
