@@ -11,6 +11,21 @@ from jaxalgo.parallel._collectives import (
     varying_axes,
 )
 from jaxalgo.parallel._comm import KINDS, Collective, CommReport, comm_report
+from jaxalgo.parallel._daso import (
+    COMM_DTYPES,
+    PHASES,
+    Daso,
+    DasoConfig,
+    DasoSchedule,
+    DasoState,
+    DasoTrainState,
+    daso,
+    daso_phase,
+    initial_schedule,
+    merge_stale,
+    place_daso_state,
+    update_schedule,
+)
 from jaxalgo.parallel._data_parallel import check_batch, data_parallel
 from jaxalgo.parallel._forward_dp import REDUCTIONS, directional_value_and_grad, mean_packed
 from jaxalgo.parallel._mesh import (
@@ -52,21 +67,6 @@ from jaxalgo.parallel.ab import (
     find_ab_layers,
     lr_factor,
     place_ab_state,
-)
-from jaxalgo.parallel.daso import (
-    COMM_DTYPES,
-    PHASES,
-    Daso,
-    DasoConfig,
-    DasoSchedule,
-    DasoState,
-    DasoTrainState,
-    daso,
-    daso_phase,
-    initial_schedule,
-    merge_stale,
-    place_daso_state,
-    update_schedule,
 )
 from jaxalgo.runner import SingleDevice
 

@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from jaxalgo.grads import EstimatorOptions
 from jaxalgo.options import check_fields, option
 from jaxalgo.parallel._comm import comm_report
+from jaxalgo.parallel._daso import DasoConfig, DasoTrainState, daso, update_schedule
 from jaxalgo.parallel._data_parallel import data_parallel
 from jaxalgo.parallel._mesh import check_divisible, make_mesh, parse_mesh_shape, place, replicate, shard
 from jaxalgo.parallel._traffic import TrafficMeter
@@ -36,7 +37,6 @@ from jaxalgo.parallel.ab import (
     check_ab_mesh,
     lr_factor,
 )
-from jaxalgo.parallel.daso import DasoConfig, DasoTrainState, daso, update_schedule
 from jaxalgo.runner import Experiment, RunnerBase, make_train_step
 
 Reduction = Literal["auto", "directional", "gradients"]
@@ -72,7 +72,13 @@ def group_mesh(text: str, sync_mode: str, devices: Sequence[jax.Device] | None =
 
 class MeshRunner(RunnerBase):
     """What the multi-device runners share: the mesh, the run key replicated on it, metrics written by process 0
-    only, and the bytes sent per step."""
+    only, and the bytes sent per step.
+
+    Attributes:
+      mesh: the device mesh the steps run on.
+      run_key: the per-step key stream, replicated on the mesh.
+      is_primary: whether this process writes metrics (process 0).
+    """
 
     def __init__(self, experiment: Experiment, mesh: Any):
         super().__init__(experiment)
@@ -97,7 +103,11 @@ class MeshRunner(RunnerBase):
 
 
 class DataParallelRunner(MeshRunner):
-    """DDP: the training step of :func:`jaxalgo.runner.make_train_step` on a data-parallel estimator."""
+    """DDP: the training step of :func:`jaxalgo.runner.make_train_step` on a data-parallel estimator.
+
+    Attributes:
+      train_step: the jit-compiled step ``(state, sharded batch, run_key) -> (state, loss)``.
+    """
 
     def __init__(self, experiment: Experiment, options: DDPOptions):
         super().__init__(experiment, options.mesh_on())
@@ -119,7 +129,11 @@ class DataParallelRunner(MeshRunner):
 
 
 class DasoRunner(MeshRunner):
-    """DASO: per-phase steps chosen on the host from the step index and the schedule kept in the state."""
+    """DASO: per-phase steps chosen on the host from the step index and the schedule kept in the state.
+
+    Attributes:
+      daso: the :class:`jaxalgo.parallel.Daso` programs (steps per phase, consensus).
+    """
 
     def __init__(self, experiment: Experiment, options: DasoOptions):
         super().__init__(experiment, options.mesh_on())
@@ -185,7 +199,11 @@ class DasoRunner(MeshRunner):
 
 
 class ABRunner(MeshRunner):
-    """AB-training: the host runs the schedule's transitions (sync, re-SVD) and picks each step's program."""
+    """AB-training: the host runs the schedule's transitions (sync, re-SVD) and picks each step's program.
+
+    Attributes:
+      ab: the :class:`jaxalgo.parallel.AB` programs (steps per phase, sync, factorize, consensus, sizes).
+    """
 
     def __init__(self, experiment: Experiment, options: ABOptions):
         super().__init__(experiment, options.mesh_on())

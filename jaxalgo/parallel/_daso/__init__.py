@@ -54,11 +54,11 @@ References:
   distributed asynchronous and selective optimization (DASO)", Journal of Big Data 9, 2022 (arXiv 2104.05588).
 """
 
-from jaxalgo.parallel.daso._config import COMM_DTYPES, PHASES, DasoConfig
-from jaxalgo.parallel.daso._merge import merge_stale
-from jaxalgo.parallel.daso._schedule import DasoSchedule, daso_phase, initial_schedule, update_schedule
-from jaxalgo.parallel.daso._state import DasoState, DasoTrainState, place_daso_state
-from jaxalgo.parallel.daso._training import Daso, daso
+from jaxalgo.parallel._daso._config import COMM_DTYPES, PHASES, DasoConfig
+from jaxalgo.parallel._daso._merge import merge_stale
+from jaxalgo.parallel._daso._schedule import DasoSchedule, daso_phase, initial_schedule, update_schedule
+from jaxalgo.parallel._daso._state import DasoState, DasoTrainState, place_daso_state
+from jaxalgo.parallel._daso._training import Daso, daso
 
 __all__ = [
     "COMM_DTYPES",

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalgo.parallel._collectives import mean_over, sharded_mean_over
-from jaxalgo.parallel.daso._state import DasoState, Layout
+from jaxalgo.parallel._daso._state import DasoState, Layout
 
 
 def merge_stale(local: Any, average: Any, *, batches_to_wait: Any, num_nodes: int, weight: float) -> Any:

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxalgo.parallel.daso._config import DasoConfig
+from jaxalgo.parallel._daso._config import DasoConfig
 
 
 class DasoSchedule(NamedTuple):

@@ -2,7 +2,7 @@
 
 Every phase runs the same per-device body (:func:`device_step`): the node-local average of the gradient
 (:func:`node_local_gradients`), the node's own optimizer step, then the phase's global step
-(:func:`jaxalgo.parallel.daso._merge.synchronise`).
+(:func:`jaxalgo.parallel._daso._merge.synchronise`).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import optax
 
 from jaxalgo.grads import Estimator, scalar_loss
 from jaxalgo.parallel._collectives import mean_over, merge_replicated_state, vary
+from jaxalgo.parallel._daso._config import PHASES
+from jaxalgo.parallel._daso._merge import synchronise
+from jaxalgo.parallel._daso._state import REPLICATED, DasoState, DasoTrainState, Layout, own, restack
 from jaxalgo.parallel._data_parallel import check_batch, reshard
 from jaxalgo.parallel._forward_dp import directional_value_and_grad
-from jaxalgo.parallel.daso._config import PHASES
-from jaxalgo.parallel.daso._merge import synchronise
-from jaxalgo.parallel.daso._state import REPLICATED, DasoState, DasoTrainState, Layout, own, restack
 
 
 def node_local_gradients(
@@ -50,14 +50,14 @@ def device_step(
     estimator: Estimator,
     optimizer: optax.GradientTransformation,
     phase: str,
-    step,
-    params,
-    estimator_state,
-    opt_state,
+    step: jax.Array,
+    params: Any,
+    estimator_state: Any,
+    opt_state: Any,
     daso_state: DasoState,
-    batch,
-    run_key,
-):
+    batch: Any,
+    run_key: jax.Array,
+) -> tuple[Any, Any, Any, DasoState, jax.Array]:
     """One device's step of ``phase`` (inside ``shard_map``); the key is ``fold_in(run_key, step)`` everywhere."""
     params, opt_state = own(params), own(opt_state)
     key = jax.random.fold_in(run_key, step)

@@ -14,13 +14,13 @@ from jax.sharding import Mesh
 
 from jaxalgo.grads import Estimator
 from jaxalgo.parallel._collectives import STATE_MERGES
+from jaxalgo.parallel._daso._config import PHASES, DasoConfig
+from jaxalgo.parallel._daso._schedule import DasoSchedule, daso_phase
+from jaxalgo.parallel._daso._state import REPLICATED, DasoTrainState, Layout, init_state
+from jaxalgo.parallel._daso._steps import make_step
 from jaxalgo.parallel._data_parallel import reshard
 from jaxalgo.parallel._forward_dp import check_reduce
 from jaxalgo.parallel._mesh import LOCAL_AXIS, NODE_AXIS
-from jaxalgo.parallel.daso._config import PHASES, DasoConfig
-from jaxalgo.parallel.daso._schedule import DasoSchedule, daso_phase
-from jaxalgo.parallel.daso._state import REPLICATED, DasoTrainState, Layout, init_state
-from jaxalgo.parallel.daso._steps import make_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +74,7 @@ def daso(
     state_merge: str = "delta_sum",
     reduce: str = "auto",
 ) -> Daso:
-    """Builds DASO's per-phase training steps (see :mod:`jaxalgo.parallel.daso` for the algorithm).
+    """Builds DASO's per-phase training steps (see :mod:`jaxalgo.parallel._daso` for the algorithm).
 
     Args:
       estimator: any estimator (backprop, forward gradients, F3, ...); it sees one device's shard of the batch and

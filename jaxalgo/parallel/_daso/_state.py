@@ -19,9 +19,9 @@ from jax.sharding import PartitionSpec as P
 
 from jaxalgo.grads import Estimator
 from jaxalgo.parallel._collectives import stack_copies, vary
+from jaxalgo.parallel._daso._config import DasoConfig
+from jaxalgo.parallel._daso._schedule import DasoSchedule, initial_schedule
 from jaxalgo.parallel._mesh import NODE_AXIS, place
-from jaxalgo.parallel.daso._config import DasoConfig
-from jaxalgo.parallel.daso._schedule import DasoSchedule, initial_schedule
 
 REPLICATED = P()
 
