@@ -14,6 +14,7 @@ own key (fixed feedback matrices, readouts).
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, NamedTuple, Protocol
@@ -215,8 +216,9 @@ class Runner(Protocol):
         """Extra fields of the final metrics line."""
 
 
-class RunnerBase:
-    """No-op defaults for every hook of :class:`Runner` but ``step``; evaluation on ``eval_params(state)``."""
+class RunnerBase(abc.ABC):
+    """No-op defaults for every hook of :class:`Runner` but ``step`` (abstract); evaluation on
+    ``eval_params(state)``."""
 
     is_primary: bool = True
 
@@ -231,8 +233,9 @@ class RunnerBase:
         del record
         return fresh
 
+    @abc.abstractmethod
     def step(self, state: Any, batch: Any, index: int) -> tuple[Any, jax.Array]:
-        raise NotImplementedError(f"{type(self).__name__}.step")
+        """One training step: ``(state, loss)``."""
 
     def after_step(self, index: int, state: Any) -> Any:
         del index
