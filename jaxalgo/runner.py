@@ -35,6 +35,11 @@ class TrainState(NamedTuple):
     estimator_state: Any
     opt_state: Any
 
+    @classmethod
+    def fresh(cls, params: Any, estimator: Estimator, optimizer: optax.GradientTransformation) -> TrainState:
+        """Step 0: ``params`` with the estimator's and the optimizer's initial states."""
+        return cls(jnp.zeros((), jnp.int32), params, estimator.init(params), optimizer.init(params))
+
 
 class RunKeys(NamedTuple):
     """The independent PRNG streams of one seed.
@@ -117,13 +122,7 @@ class Experiment:
         return self.steps_per_epoch * self.epochs
 
     def init_state(self) -> TrainState:
-        params = self.init_params
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            estimator_state=self.estimator.init(params),
-            opt_state=self.optimizer.init(params),
-        )
+        return TrainState.fresh(self.init_params, self.estimator, self.optimizer)
 
 
 def make_train_step(

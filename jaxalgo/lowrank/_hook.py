@@ -107,9 +107,7 @@ class OIALRTrainer:
 
     def init_state(self, params: Any) -> TrainState:
         """A fresh train state for the dense ``params`` (this trainer's estimator and wrapped optimizer)."""
-        return TrainState(
-            jax.numpy.zeros((), jax.numpy.int32), params, self.estimator.init(params), self.optimizer.init(params)
-        )
+        return TrainState.fresh(params, self.estimator, self.optimizer)
 
     def train_step(self, state: Any, batch: Any, run_key: jax.Array) -> tuple[Any, jax.Array]:
         return self._train_step(state, batch, run_key)
