@@ -183,6 +183,7 @@ class Runner(Protocol):
     """
 
     is_primary: bool  # this process writes metrics and prints (process 0)
+    batch_rows: slice | None  # the rows of each global batch this process builds (None: all of them)
 
     def init(self, fresh: TrainState) -> Any:
         """The state placed where the steps expect it; also the target checkpoints are restored into."""
@@ -193,8 +194,17 @@ class Runner(Protocol):
     def step(self, state: Any, batch: Any, index: int) -> tuple[Any, jax.Array]:
         """One training step: ``(state, loss)``."""
 
+    def window(self, index: int, remaining: int) -> int:
+        """How many steps the next call runs, from step ``index`` with ``remaining >= 1`` steps left in the epoch:
+        1 (the loop calls :meth:`step`) or ``n`` in ``[2, remaining]`` (it calls :meth:`run_window` with ``n``
+        batches, e.g. DASO's window program from a send to its merge)."""
+
+    def run_window(self, state: Any, batches: list[Any], index: int) -> tuple[Any, list[jax.Array]]:
+        """``len(batches)`` steps from step ``index`` in one call: ``(state, one loss per step)``."""
+
     def after_step(self, index: int, state: Any) -> Any:
-        """Called with the steps done after every step (OIALR converts and cuts here)."""
+        """Called with the steps done after every call of :meth:`step` or :meth:`run_window` (OIALR converts and
+        cuts here)."""
 
     def end_epoch(self, state: Any, epoch: int, train_loss: float) -> Any:
         """Called after each epoch (DASO adapts its schedule here)."""
@@ -220,6 +230,7 @@ class RunnerBase(abc.ABC):
     ``eval_params(state)``."""
 
     is_primary: bool = True
+    batch_rows: slice | None = None
 
     def __init__(self, experiment: Experiment):
         self.experiment = experiment
@@ -235,6 +246,17 @@ class RunnerBase(abc.ABC):
     @abc.abstractmethod
     def step(self, state: Any, batch: Any, index: int) -> tuple[Any, jax.Array]:
         """One training step: ``(state, loss)``."""
+
+    def window(self, index: int, remaining: int) -> int:
+        del index, remaining
+        return 1
+
+    def run_window(self, state: Any, batches: list[Any], index: int) -> tuple[Any, list[jax.Array]]:
+        losses = []
+        for offset, batch in enumerate(batches):
+            state, loss = self.step(state, batch, index + offset)
+            losses.append(loss)
+        return state, losses
 
     def after_step(self, index: int, state: Any) -> Any:
         del index
