@@ -109,6 +109,8 @@ class RunConfig:
       keep_checkpoints: how many checkpoints to keep (>= 1).
       log_every: steps between progress-bar updates and finite-loss checks (>= 1).
       quiet: no progress bar and no summary table.
+      compute_dtype: dtype of activations and matmuls (float32, or bfloat16 with float32 parameters and optimizer
+        state).
       model: the model and its options.
       estimator: the gradient estimator and its options.
       optimizer: the optax optimizer and its options.
@@ -127,6 +129,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     quiet: bool = False
+    compute_dtype: typing.Literal["float32", "bfloat16"] = "float32"
     model: Choice = _choice_field("model")
     estimator: Choice = _choice_field("estimator")
     optimizer: Choice = _choice_field("optimizer")
