@@ -20,10 +20,27 @@ from typing import Literal
 
 from jaxalgo.config import FAMILIES, RunConfig, core_flags
 from jaxalgo.options import Flag, add_flags
-from jaxalgo.parallel import detect_cluster, initialize_distributed
-from jaxalgo.train import NonFiniteLossError, train_and_evaluate
+from jaxalgo.parallel import (
+    DEFAULT_INIT_TIMEOUT,
+    DEFAULT_PEER_TIMEOUT,
+    PEER_LOST_EXIT_STATUS,
+    STRATEGIES,
+    ClusterError,
+    initialize_distributed,
+    resolve_processes,
+)
+from jaxalgo.train import PREEMPTED_EXIT_STATUS, NonFiniteLossError, Preempted, resume_config, train_and_evaluate
 
-_PROCESS_FLAGS = ("workdir", "resume", "devices", "coordinator", "num_processes", "process_id")
+_PROCESS_FLAGS = (
+    "workdir",
+    "resume",
+    "devices",
+    "coordinator",
+    "num_processes",
+    "process_id",
+    "peer_timeout",
+    "init_timeout",
+)
 
 
 def _merged(flags: list[tuple[Flag, str]]) -> list[Flag]:
@@ -79,28 +96,73 @@ def build_parser() -> argparse.ArgumentParser:
     add("--workdir", default=None, help="run directory (default: a new runs/<time>-<model>-<dataset>-<estimator>)")
     add("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
     add("--devices", type=int, default=None, help="simulated CPU devices per process (set before jax starts)")
-    add("--coordinator", default=None, help="multi-process: HOST:PORT of process 0 (or SLURM / Open MPI env)")
-    add("--num-processes", type=int, default=None, help="multi-process: number of processes")
-    add("--process-id", type=int, default=None, help="multi-process: this process's id")
+    add(
+        "--coordinator",
+        default=None,
+        help="multi-process: HOST:PORT of process 0 (under srun / mpirun: the first node of the job, on a port "
+        "derived from the job id)",
+    )
+    add("--num-processes", type=int, default=None, help="multi-process: number of processes (srun: SLURM_NTASKS)")
+    add("--process-id", type=int, default=None, help="multi-process: this process's id (srun: SLURM_PROCID)")
+    add(
+        "--peer-timeout",
+        type=float,
+        default=DEFAULT_PEER_TIMEOUT,
+        metavar="SECONDS",
+        help=f"multi-process: stop, with exit status {PEER_LOST_EXIT_STATUS}, when another process has sent no "
+        "heartbeat for this long (default: %(default)g)",
+    )
+    add(
+        "--init-timeout",
+        type=float,
+        default=DEFAULT_INIT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"multi-process: stop, with exit status {PEER_LOST_EXIT_STATUS} and the ids of the missing processes, "
+        "when not every process has connected within this long (default: %(default)g)",
+    )
     return parser
 
 
 def _start_devices(args: argparse.Namespace, config: RunConfig) -> None:
-    """Simulated devices and jax.distributed, before anything touches a device (a multi-device strategy under a
-    cluster's scheduler starts jax.distributed from its environment)."""
-    explicit = (args.coordinator, args.num_processes, args.process_id)
-    multi_device = not type(config.parallel.options).single_device
-    if (
-        any(v is not None for v in explicit)
-        or args.devices is not None
-        or (multi_device and detect_cluster() is not None)
-    ):
-        initialize_distributed(*explicit, local_device_count=args.devices)
+    """Simulated devices and jax.distributed, before anything touches a device.
+
+    The processes come from the flags or, under srun / mpirun, from the scheduler's environment
+    (:func:`jaxalgo.parallel.resolve_processes`); a run of several processes needs a strategy that is not
+    ``single_device``. Raises ValueError (exit status 2) for bad input and ClusterError (exit status
+    ``PEER_LOST_EXIT_STATUS``) when the processes do not all connect.
+    """
+    for name in ("peer_timeout", "init_timeout"):
+        value = getattr(args, name)
+        if not 0 < value < float("inf"):
+            raise ValueError(f"{name}: must be a number of seconds > 0, got {value:g}")
+    plan = resolve_processes(args.coordinator, args.num_processes, args.process_id)
+    if plan.multi_process and type(config.parallel.options).single_device:
+        multi = ", ".join(n for n, e in STRATEGIES.items() if not e.options.single_device)
+        raise ValueError(
+            f"parallel: {config.parallel.name!r} runs on one device, but this run has {plan.num_processes} processes "
+            f"({plan.method}); choose a strategy for several devices ({multi}) or start a single process"
+        )
+    if plan.multi_process or args.devices is not None:
+        initialize_distributed(
+            plan.coordinator,
+            plan.num_processes,
+            plan.process_id,
+            local_device_count=args.devices,
+            timeout_seconds=args.init_timeout,
+            peer_timeout_seconds=args.peer_timeout,
+        )
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The :class:`RunConfig` of parsed arguments (flags not given take the library's defaults)."""
+    """The :class:`RunConfig` of parsed arguments. Flags not given take the library's defaults; with ``--resume``
+    they take the values of the run in ``--workdir`` (its newest checkpoint), so only changes need be given."""
     values = {k: v for k, v in vars(args).items() if k not in (*_PROCESS_FLAGS, "command")}
+    if getattr(args, "resume", False):
+        if not args.workdir:
+            raise ValueError("resume: needs --workdir, the directory of the run to continue")
+        resumed = resume_config(args.workdir, values)
+        if resumed is not None:
+            return resumed
     return RunConfig.from_flags(values)
 
 
@@ -113,6 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f"jaxalgo: error: {error}", file=sys.stderr)
         return 2
+    except ClusterError as error:
+        print(f"jaxalgo: error: {error}", file=sys.stderr)
+        return PEER_LOST_EXIT_STATUS
     workdir = args.workdir or os.path.join(
         "runs",
         f"{time.strftime('%Y%m%d-%H%M%S')}-{config.model.name}-{config.dataset}-{config.estimator.name}".replace(
@@ -124,6 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLossError as error:
         print(f"jaxalgo: {error}", file=sys.stderr)
         return 1
+    except Preempted as error:
+        print(f"jaxalgo: {error}", file=sys.stderr)
+        return PREEMPTED_EXIT_STATUS
     except (ValueError, TypeError, OSError) as error:
         print(f"jaxalgo: error: {error}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from jaxalgo import grads, losses, lowrank, models, optimizers, parallel
+from jaxalgo import data, grads, losses, lowrank, models, optimizers, parallel
 from jaxalgo.options import Entry, Flag, attribute_docs, check_fields, flags_of, from_flags, pick, to_flags
 
 
@@ -57,10 +57,10 @@ FAMILIES: tuple[Family, ...] = (
 )
 FAMILY_NAMES: tuple[str, ...] = tuple(f.name for f in FAMILIES)
 
-# Fields that may differ between a checkpointed run and the run that resumes it: they do not change what
-# a step computes.
+# Fields that may differ between a checkpointed run and the run that resumes it: they do not change what has
+# been computed so far, or are meant to change (the learning rate, to recover from a divergence).
 RESUMABLE_FIELDS: frozenset[str] = frozenset(
-    {"epochs", "quiet", "checkpoint_every", "keep_checkpoints", "data_dir", "log_every"}
+    {"epochs", "quiet", "checkpoint_every", "keep_checkpoints", "data_dir", "log_every", "lr"}
 )
 
 
@@ -267,6 +267,10 @@ def _check_core(config: RunConfig) -> None:
         raise ValueError(f"checkpoint_every: must be >= 0 (0 = every epoch), got {config.checkpoint_every!r}")
     if not (math.isfinite(config.test_fraction) and 0.0 < config.test_fraction < 1.0):
         raise ValueError(f"test_fraction: must be in (0, 1), got {config.test_fraction!r}")
+    if ":" not in config.dataset and config.dataset not in data.DATASETS:
+        raise ValueError(
+            f"dataset: unknown data set {config.dataset!r}; allowed: {', '.join(data.DATASETS)}, or module:function"
+        )
     if config.loss != "auto" and config.loss not in losses.LOSSES:
         raise ValueError(f"loss: unknown loss {config.loss!r}; allowed: auto, {', '.join(losses.LOSSES)}")
 

@@ -213,7 +213,12 @@ class Runner(Protocol):
         """The test metrics of the model ``state`` holds (DASO, AB: of the consensus model)."""
 
     def record(self, state: Any) -> dict[str, Any]:
-        """JSON-able facts a checkpoint needs beyond the arrays (given back to :meth:`restore_target`)."""
+        """JSON-able facts a checkpoint needs beyond the arrays (given back to :meth:`restore_target` and
+        :meth:`load_record`): e.g. AB's factor sizes, and the host-side counters of the epoch and the run (bytes
+        sent, steps per phase) so that a resumed run reports the same figures as an uninterrupted one."""
+
+    def load_record(self, record: dict[str, Any]) -> None:
+        """Called once with the record of the checkpoint a run resumes from, after its state is restored."""
 
     def events(self) -> list[dict[str, Any]]:
         """Metrics records of events since the last call (OIALR's conversion and checks)."""
@@ -276,6 +281,9 @@ class RunnerBase(abc.ABC):
     def record(self, state: Any) -> dict[str, Any]:
         del state
         return {}
+
+    def load_record(self, record: dict[str, Any]) -> None:
+        del record
 
     def events(self) -> list[dict[str, Any]]:
         return []

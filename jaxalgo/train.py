@@ -13,19 +13,26 @@ re-exported here.
 
 from __future__ import annotations
 
-import json
+import contextlib
+import dataclasses
 import math
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from jaxalgo import data, losses, models
-from jaxalgo.checkpoint import Checkpointer, check_record_matches
+from jaxalgo.checkpoint import Checkpointer, check_record_matches, newest_record
 from jaxalgo.config import RunConfig
 from jaxalgo.grads import Problem
 from jaxalgo.options import errors_as_flags
@@ -38,6 +45,14 @@ from jaxalgo.runner import (
     make_train_step,
     run_keys,
 )
+from jaxalgo.workdir import (
+    WorkdirBusyError,
+    WorkdirLock,
+    append_metrics,
+    describe_holder,
+    read_metrics,
+    write_metrics,
+)
 
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
@@ -48,18 +63,75 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def check_capabilities(config: RunConfig) -> None:
-    """Refuses combinations the chosen entries declare they cannot run (by capability, never by name)."""
+    """Refuses combinations the chosen entries declare they cannot run (by capability, never by name): the
+    strategy's ``check`` decides which estimators and batch sizes it runs on these devices, the low-rank method's
+    ``check`` which strategies and estimators it works with."""
     strategy, estimator = config.parallel.options, config.estimator.options
-    if not type(strategy).single_device and not type(estimator).data_parallel:
-        raise ValueError(
-            f"parallel: estimator {config.estimator.name!r} runs on one device only (its estimator state is per "
-            f"run); got parallel={config.parallel.name!r}"
-        )
     try:
-        config.lowrank.options.check(strategy)
+        with errors_as_flags(config.entry("parallel")):
+            strategy.check(estimator, batch_size=config.batch_size, devices=jax.devices())
+    except ValueError as error:
+        if not str(error).startswith("parallel: "):
+            raise
+        reason = str(error).removeprefix("parallel: ")
+        raise ValueError(
+            f"parallel: estimator {config.estimator.name!r} {reason}; got parallel={config.parallel.name!r}"
+        ) from None
+    try:
+        config.lowrank.options.check(strategy, estimator)
     except ValueError as error:
         reason = str(error).removeprefix("lowrank: ")
-        raise ValueError(f"lowrank: {config.lowrank.name!r} with parallel={config.parallel.name!r}: {reason}") from None
+        raise ValueError(
+            f"lowrank: {config.lowrank.name!r} with parallel={config.parallel.name!r} and estimator="
+            f"{config.estimator.name!r}: {reason}"
+        ) from None
+
+
+def _available_bytes() -> tuple[int, str]:
+    """Memory one device may use, and what it is: the accelerator's limit, or the host's RAM shared by the
+    host's (CPU) devices."""
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"]), f"{device.device_kind} memory"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    count = len(jax.local_devices())
+    return ram // count, "host RAM" if count == 1 else f"host RAM per device ({count} devices share it)"
+
+
+def _gb(size: float) -> str:
+    return f"{size / 1e9:.1f} GB"
+
+
+def check_memory(config: RunConfig, build: Any) -> None:
+    """Refuses, before anything is allocated, a model or an estimator whose parameters, optimizer state and
+    tangents cannot fit on one device (a lower bound: activations are not counted). The model is built abstractly
+    (``nnx.eval_shape``); a factory that cannot be traced so is not checked."""
+    try:
+        abstract = nnx.eval_shape(build)
+        params = nnx.state(abstract, nnx.Param)
+        opt_state = jax.eval_shape(config.optimizer.options.build().init, params)
+    except Exception:  # a user's factory with host-side work: built for real, unchecked
+        return
+    param_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    param_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(params))
+    opt_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(opt_state))
+    model_bytes = 2 * param_bytes + opt_bytes  # parameters, gradients, optimizer state
+    working = getattr(config.estimator.options, "working_bytes", None)
+    tangent_bytes = working(param_bytes) if callable(working) else 0
+    available, what = _available_bytes()
+    if model_bytes + tangent_bytes <= available:
+        return
+    if tangent_bytes > model_bytes:
+        raise ValueError(
+            f"tangents: the tangents held at once need about {_gb(tangent_bytes)} ({param_count:,} parameters each) "
+            f"and the model with its optimizer state {_gb(model_bytes)}, but {what} is {_gb(available)}; use "
+            "--batching scan (one tangent at a time) or --batching chunk --chunk-size N, or fewer --tangents"
+        )
+    raise ValueError(
+        f"model: {param_count:,} parameters need about {_gb(model_bytes)} with their gradients and optimizer state, "
+        f"but {what} is {_gb(available)}; choose a smaller model"
+    )
 
 
 def _output_loss(config: RunConfig, dataset: data.Dataset) -> tuple[str, losses.OutputLoss]:
@@ -76,16 +148,20 @@ def setup(config: RunConfig) -> Experiment:
     if not isinstance(config, RunConfig):
         raise TypeError(f"config: expected a jaxalgo.config.RunConfig, got {type(config).__name__}")
     check_capabilities(config)
-    with errors_as_flags(config.entry("parallel")):
-        config.parallel.options.check(config.estimator.options, batch_size=config.batch_size, devices=jax.devices())
+    if config.data_dir is not None and not os.path.isdir(config.data_dir):
+        raise FileNotFoundError(f"data_dir: {config.data_dir!r} is not a directory")
     dataset = data.load_dataset(
         config.dataset, data_dir=config.data_dir, seed=config.seed, test_fraction=config.test_fraction
     )
     data.validate_batch_size(config.batch_size, dataset.num_train)
     keys = run_keys(config.seed)
     with errors_as_flags(config.entry("model")):
-        module = config.model.options.build(dataset.input_shape, dataset.num_outputs, key=keys.init)
+        build = lambda: config.model.options.build(dataset.input_shape, dataset.num_outputs, key=keys.init)
+        check_memory(config, build)
+        module = build()
     chain, params = models.split_chain(module)
+    if config.compute_dtype != "float32":  # bf16 activations and matmuls; params, optimizer state stay float32
+        chain = models.with_compute_dtype(chain, config.compute_dtype)
     loss_name, output_loss = _output_loss(config, dataset)
     problem = Problem.from_chain(
         chain,
@@ -126,22 +202,83 @@ def _prepare_workdir(workdir: str | os.PathLike) -> str:
     return path
 
 
-def _trim_metrics(metrics_path: str, last_step: int) -> None:
-    """Drops metric lines written after ``last_step`` (by a run that was interrupted after its last checkpoint)."""
-    if not os.path.exists(metrics_path):
-        return
-    with open(metrics_path) as f:
-        lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
-    tmp = metrics_path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, metrics_path)
+class Preempted(RuntimeError):
+    """The run got SIGTERM or SIGUSR1 (a scheduler's preemption notice); a checkpoint of the step it reached was
+    saved on every process, and ``--resume`` continues exactly. The command line exits with
+    :data:`PREEMPTED_EXIT_STATUS`."""
 
 
-def _append_metrics(path: str, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+PREEMPTED_EXIT_STATUS = 75  # EX_TEMPFAIL: try again (with --resume)
+
+
+class _PreemptionNotice:
+    """SIGTERM and SIGUSR1 as a request to checkpoint and stop at the next step boundary, agreed across processes.
+
+    With one process, a Python handler sets a flag. With several, jax's preemption service (started by
+    ``jax.distributed``) owns SIGTERM and agrees on one step for every process
+    (:func:`jax.experimental.multihost_utils.reached_preemption_sync_point`); SIGUSR1, as SLURM's ``--signal``
+    sends it, is forwarded to it as SIGTERM. ``requested`` must be called at every boundary on every process, with
+    a counter that advances by one per call.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._calls = 0
+        self._previous: dict[int, Any] = {}
+        self._multi = jax.process_count() > 1
+
+    def __enter__(self) -> _PreemptionNotice:
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal handlers can only be installed from the main thread
+        for signum in self.SIGNALS if not self._multi else (signal.SIGUSR1,):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        self.received = signum
+        if self._multi:
+            os.kill(os.getpid(), signal.SIGTERM)  # to jax's preemption service, which tells every process
+
+    def requested(self) -> bool:
+        self._calls += 1
+        if self._multi:
+            return bool(multihost_utils.reached_preemption_sync_point(self._calls))
+        return self.received is not None
+
+
+def _crossed(before: int, after: int, every: int) -> bool:
+    """Whether a multiple of ``every`` lies in ``(before, after]``."""
+    return every > 0 and after // every > before // every
+
+
+@dataclasses.dataclass
+class _RunRecord:
+    """What a checkpoint records about the run beyond the arrays, so that a resumed run writes exactly the
+    metrics of the uninterrupted one.
+
+    Attributes:
+      history: every metrics line written so far (the metrics file is rewritten from it on resume).
+      loss_sum: float64 sum of this epoch's step losses folded so far (in step order).
+      pending: step losses (device arrays) not yet folded into ``loss_sum``.
+    """
+
+    history: list[dict[str, Any]]
+    loss_sum: float = 0.0
+    pending: list[jax.Array] = dataclasses.field(default_factory=list)
+
+    def fold(self) -> float:
+        for loss in self.pending:
+            self.loss_sum += float(loss)
+        self.pending.clear()
+        return self.loss_sum
 
 
 def train_and_evaluate(config: RunConfig, workdir: str | os.PathLike, *, resume: bool = False) -> dict[str, Any]:
@@ -149,25 +286,70 @@ def train_and_evaluate(config: RunConfig, workdir: str | os.PathLike, *, resume:
 
     Metrics are appended as JSON lines to ``workdir/metrics.jsonl`` (the last line is the final evaluation);
     checkpoints go to ``workdir/checkpoints`` every ``config.checkpoint_every`` steps (or every epoch) and at
-    the end. With ``resume=True`` the run continues from the latest checkpoint and ends with exactly the state an
-    uninterrupted run would have reached.
+    the end, each with the metrics written so far and checksums of its arrays. One run at a time holds the
+    workdir's lock. With ``resume=True`` the run continues from the newest checkpoint that verifies (falling
+    back past damaged ones), rewrites the metrics file from it, and ends with exactly the state and the metrics
+    lines an uninterrupted run would have written. Fields that cannot change what was computed so far (epochs,
+    learning rate, logging, checkpoint cadence) may differ from the checkpoint's; each change is recorded.
 
     Raises:
       ValueError (and subclasses), OSError: bad configuration, data or workdir, before training starts.
       NonFiniteLossError: the loss became NaN or infinite (the last good checkpoint is kept).
+      Preempted: SIGTERM or SIGUSR1 arrived; a checkpoint was saved.
     """
     workdir = _prepare_workdir(workdir)
     experiment = setup(config)
     runner = make_runner(config, experiment)
-    checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=config.keep_checkpoints)
-    metrics_path = os.path.join(workdir, METRICS_FILE)
-    try:
-        state, elapsed = _initial_state(
-            config, experiment, checkpointer, runner, resume=resume, metrics_path=metrics_path
+    with _workdir_lock(workdir, runner.is_primary) as lock:
+        if lock is not None and lock.took_over:
+            print(f"workdir: took over the lock left by {describe_holder(lock.took_over)}", file=sys.stderr)
+        report = (lambda line: print(line, file=sys.stderr)) if runner.is_primary else None
+        checkpointer = Checkpointer(
+            os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=config.keep_checkpoints, report=report
         )
-        return _run(config, experiment, state, elapsed, checkpointer, metrics_path, runner)
+        metrics_path = os.path.join(workdir, METRICS_FILE)
+        try:
+            start = _initial_state(config, experiment, checkpointer, runner, resume=resume, metrics_path=metrics_path)
+            if isinstance(start, dict):
+                return start  # a finished run: nothing to do
+            state, elapsed, run_record = start
+            return _run(config, experiment, state, elapsed, checkpointer, metrics_path, runner, run_record)
+        finally:
+            checkpointer.close()
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: str, primary: bool):
+    """The workdir's lock, held by process 0 for the whole run; every process stops if it cannot be taken."""
+    lock, error = None, None
+    if primary:
+        try:
+            lock = WorkdirLock(workdir).acquire()
+        except WorkdirBusyError as busy:
+            error = busy
+    if jax.process_count() > 1:
+        taken = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+        if error is None and not int(taken):
+            error = WorkdirBusyError(f"workdir: {workdir!r} is in use by another run (see process 0's message)")
+    if error is not None:
+        raise error
+    try:
+        yield lock
     finally:
-        checkpointer.close()
+        if lock is not None:
+            lock.release()
+
+
+def resume_config(workdir: str | os.PathLike, flags: Mapping[str, Any] | None = None) -> RunConfig | None:
+    """The configuration of the run in ``workdir`` (from its newest checkpoint that verifies) with ``flags``
+    changed, or ``None`` when ``workdir`` has no checkpoint. Reads files only (no jax), so a command line can call
+    it before it starts devices. Whether the changes may be resumed is checked when the run restores its state.
+    """
+    record = newest_record(os.path.join(os.fspath(workdir), CHECKPOINT_DIR))
+    if record is None or "config" not in record:
+        return None
+    saved = RunConfig.from_dict(record["config"])
+    return saved.with_flags(**dict(flags or {}))
 
 
 def _saved_fingerprint(record: dict[str, Any]) -> dict[str, Any]:
@@ -182,6 +364,26 @@ def _saved_fingerprint(record: dict[str, Any]) -> dict[str, Any]:
     return {**record, "config_fingerprint": normalized}
 
 
+def _changes(record: dict[str, Any], config: RunConfig) -> dict[str, list[Any]]:
+    """``{flag: [checkpoint's value, this run's value]}`` of the (resumable) flags that differ."""
+    try:
+        saved = RunConfig.from_dict(record.get("config", {})).flags()
+    except (ValueError, TypeError):
+        return {}
+    now = config.flags()
+    return {k: [saved.get(k), now.get(k)] for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
+
+
+def _history_of(record: dict[str, Any], metrics_path: str, step: int) -> list[dict[str, Any]]:
+    """The metrics lines a checkpoint covers: its own copy, or (checkpoints of older versions) the metrics file's
+    lines up to its step."""
+    if "metrics" in record:
+        return list(record["metrics"])
+    if not os.path.exists(metrics_path):
+        return []
+    return [line for line in read_metrics(metrics_path) if line.get("step", 0) <= step]
+
+
 def _initial_state(
     config: RunConfig,
     experiment: Experiment,
@@ -190,24 +392,51 @@ def _initial_state(
     *,
     resume: bool,
     metrics_path: str,
-) -> tuple[Any, float]:
+) -> tuple[Any, float, _RunRecord] | dict[str, Any]:
+    """The state to start from, or the final record of a finished run (a resume with nothing left to do)."""
     fresh = runner.init(experiment.init_state())
     latest = checkpointer.latest_step()
     if latest is None:
         if resume:
             print(f"resume: no checkpoint in {checkpointer.directory}; starting from step 0", file=sys.stderr)
-        return fresh, 0.0
+        if runner.is_primary:
+            write_metrics(metrics_path, [])
+        return fresh, 0.0, _RunRecord(history=[])
     if not resume:
         raise FileExistsError(
             f"workdir: {os.path.dirname(checkpointer.directory)!r} already holds checkpoints (latest step "
             f"{latest}); pass --resume to continue that run, or choose a new --workdir"
         )
-    record = checkpointer.read_record(latest)
-    check_record_matches(_saved_fingerprint(record), config.fingerprint(), checkpointer.directory)
-    state = checkpointer.restore(latest, runner.restore_target(record, fresh))
+
+    def check(record: dict[str, Any]) -> None:
+        check_record_matches(_saved_fingerprint(record), config.fingerprint(), checkpointer.directory)
+
+    step, state, record = checkpointer.restore_newest(lambda r: runner.restore_target(r, fresh), check=check)
+    history = _history_of(record, metrics_path, step)
+    done = max((line["epoch"] for line in history if "epoch" in line and not line.get("final")), default=0)
+    if step > experiment.total_steps:
+        raise ValueError(
+            f"epochs: {config.epochs} is fewer than the {done} epochs (step {step}) the checkpoint in "
+            f"{checkpointer.directory} has done; give --epochs {done} or more"
+        )
+    final = [line for line in history if line.get("final")]
+    if final and step == experiment.total_steps:
+        if runner.is_primary:
+            print(
+                f"resume: the run in {os.path.dirname(checkpointer.directory)} is finished ({done} epochs, step "
+                f"{step}); nothing to do (give --epochs {done + 1} or more to train further)",
+                file=sys.stderr,
+            )
+        return {**final[-1], "state": state}
+    history = [line for line in history if not line.get("final")]
+    changed = _changes(record, config)
+    if changed:
+        history.append({"step": step, "event": "resume", "changed": changed})
+    runner.load_record(record)
     if runner.is_primary:
-        _trim_metrics(metrics_path, latest)
-    return state, float(record.get("elapsed_seconds", 0.0))
+        write_metrics(metrics_path, history)
+    run_record = _RunRecord(history=history, loss_sum=float(record.get("epoch_loss_sum", 0.0)))
+    return state, float(record.get("elapsed_seconds", 0.0)), run_record
 
 
 def _run(
@@ -218,83 +447,128 @@ def _run(
     checkpointer: Checkpointer,
     metrics_path: str,
     runner: Runner,
+    run_record: _RunRecord,
 ) -> dict[str, Any]:
     spe, total = experiment.steps_per_epoch, experiment.total_steps
     data_seed = run_keys(config.seed).data_seed
     step = int(state.step)
     started = time.perf_counter() - elapsed
+    workdir = os.path.dirname(checkpointer.directory)
+
+    def write(*lines: dict[str, Any]) -> None:
+        run_record.history.extend(lines)
+        if runner.is_primary:
+            append_metrics(metrics_path, lines)
 
     def log_events() -> None:
-        for event in runner.events():
-            if runner.is_primary:
-                _append_metrics(metrics_path, event)
+        events = runner.events()
+        if events:
+            write(*events)
 
-    def save(state: Any, step: int) -> None:
+    def save(state: Any, step: int, *lines: dict[str, Any]) -> None:
         if not bool(_all_finite(state.params)):
-            raise NonFiniteLossError(
-                f"parameters became NaN or infinite by step {step}; training stopped. The last good checkpoint "
-                f"is step {checkpointer.latest_step()} in {checkpointer.directory}. Lower --lr or check the data."
-            )
+            raise NonFiniteLossError(_diverged(f"parameters became NaN or infinite by step {step}", config, workdir))
         record = {
             "config": config.to_dict(),
             "config_fingerprint": config.fingerprint(),
             "elapsed_seconds": time.perf_counter() - started,
+            "epoch_loss_sum": run_record.fold(),
+            "metrics": [*run_record.history, *lines],
             **runner.record(state),
         }
         checkpointer.save(step, state, record)
+        if lines:
+            write(*lines)
 
     def check_finite(loss: jax.Array, step: int) -> float:
         value = float(loss)
         if not math.isfinite(value):
-            last = checkpointer.latest_step()
-            raise NonFiniteLossError(
-                f"loss became {value} at step {step}; training stopped. The last good checkpoint is step "
-                f"{last} in {checkpointer.directory}. Lower --lr or check the data."
-            )
+            raise NonFiniteLossError(_diverged(f"loss became {value} at step {step}", config, workdir))
         return value
 
     interactive = sys.stderr.isatty() and not config.quiet
     progress = tqdm(total=total, initial=step, disable=not interactive, unit="step", dynamic_ncols=True)
-    losses_in_epoch: list[jax.Array] = []
+    rows = {} if runner.batch_rows is None else {"rows": runner.batch_rows}
     state = runner.after_step(step, state)  # e.g. OIALR with delay 0 converts before the first step
     log_events()
-    try:
-        while step < total:
-            epoch, offset = divmod(step, spe)
-            batches = data.iterate_batches(
-                experiment.dataset, config.batch_size, seed=data_seed, epoch=epoch, start_step=offset
-            )
-            for batch in batches:
-                state, loss = runner.step(state, batch, step)
-                step += 1
-                state = runner.after_step(step, state)
-                log_events()
-                losses_in_epoch.append(loss)
-                if step % config.log_every == 0:
-                    progress.set_postfix(epoch=epoch + 1, loss=f"{check_finite(loss, step):.4f}")
-                progress.update(1)
-                if config.checkpoint_every and step % config.checkpoint_every == 0 and step % spe:
-                    check_finite(loss, step)
-                    save(state, step)
-            train_loss = check_finite(jnp.mean(jnp.stack(losses_in_epoch)), step)
-            losses_in_epoch.clear()
-            state = runner.end_epoch(state, epoch, train_loss)
-            record = {"step": step, "epoch": epoch + 1, "train_loss": train_loss, **runner.evaluate(state)}
-            record.update(runner.epoch_metrics())
-            record["seconds"] = time.perf_counter() - started
-            if runner.is_primary:
-                _append_metrics(metrics_path, record)
-            save(state, step)
-    finally:
-        progress.close()
-    final = {"final": True, "step": step, "epoch": config.epochs, **runner.evaluate(state)}
-    final.update(runner.final_metrics())
-    final.update(steps=step, seconds=time.perf_counter() - started)
-    if runner.is_primary:
-        _append_metrics(metrics_path, final)
+    with _PreemptionNotice() as notice:
+        try:
+            while step < total:
+                epoch, offset = divmod(step, spe)
+                batches = data.iterate_batches(
+                    experiment.dataset, config.batch_size, seed=data_seed, epoch=epoch, start_step=offset, **rows
+                )
+                while offset < spe:
+                    count = runner.window(step, spe - offset)
+                    if count == 1:
+                        state, loss = runner.step(state, next(batches), step)
+                        losses = [loss]
+                    else:
+                        state, losses = runner.run_window(state, [next(batches) for _ in range(count)], step)
+                    before, step, offset = step, step + count, offset + count
+                    state = runner.after_step(step, state)
+                    log_events()
+                    run_record.pending.extend(losses)
+                    if _crossed(before, step, config.log_every):
+                        progress.set_postfix(epoch=epoch + 1, loss=f"{check_finite(losses[-1], step):.4f}")
+                    progress.update(count)
+                    if offset == spe:
+                        break
+                    if _crossed(before, step, config.checkpoint_every):
+                        check_finite(losses[-1], step)
+                        save(state, step)
+                    if notice.requested():
+                        check_finite(losses[-1], step)
+                        save(state, step)
+                        raise Preempted(_preempted(notice, step, workdir))
+                train_loss = check_finite(run_record.fold() / spe, step)
+                run_record.loss_sum = 0.0
+                state = runner.end_epoch(state, epoch, train_loss)
+                line = {"step": step, "epoch": epoch + 1, "train_loss": train_loss, **runner.evaluate(state)}
+                line.update(runner.epoch_metrics())
+                line["seconds"] = time.perf_counter() - started
+                lines = [line]
+                if step == total:
+                    final = {"final": True, "step": step, "epoch": config.epochs, **runner.evaluate(state)}
+                    final.update(runner.final_metrics())
+                    final.update(steps=step, seconds=time.perf_counter() - started)
+                    lines.append(final)
+                save(state, step, *lines)
+                if step < total and notice.requested():
+                    raise Preempted(_preempted(notice, step, workdir))
+        finally:
+            progress.close()
+    final = run_record.history[-1] if run_record.history and run_record.history[-1].get("final") else None
+    if final is None:  # a resume at the end of the last epoch of a run killed before its final line
+        final = {"final": True, "step": step, "epoch": config.epochs, **runner.evaluate(state)}
+        final.update(runner.final_metrics())
+        final.update(steps=step, seconds=time.perf_counter() - started)
+        write(final)
     if not config.quiet and runner.is_primary:
         print(format_summary(config, final))
     return {**final, "state": state}
+
+
+def _diverged(what: str, config: RunConfig, workdir: str) -> str:
+    """The message of a non-finite loss: where the last good checkpoint is and the command that resumes from it
+    with a smaller learning rate."""
+    steps = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR)).all_steps() if os.path.isdir(workdir) else []
+    lr = config.flags().get("lr")
+    smaller = f" --lr {lr / 10:g}" if isinstance(lr, float) else ""
+    if not steps:
+        return f"{what}; training stopped before its first checkpoint. Start again with a smaller learning rate."
+    return (
+        f"{what}; training stopped. The last good checkpoint is step {steps[-1]} in {workdir}. To continue from it "
+        f"with a smaller learning rate: jaxalgo train --workdir {workdir} --resume{smaller}"
+    )
+
+
+def _preempted(notice: _PreemptionNotice, step: int, workdir: str) -> str:
+    name = signal.Signals(notice.received).name if notice.received else "a preemption notice"
+    return (
+        f"preempted by {name}: saved a checkpoint at step {step} in {workdir}; continue with "
+        f"jaxalgo train --workdir {workdir} --resume"
+    )
 
 
 @jax.jit
@@ -337,16 +611,20 @@ def load_final_params(workdir: str | os.PathLike, config: RunConfig) -> TrainSta
 
 
 __all__ = [
+    "PREEMPTED_EXIT_STATUS",
     "Experiment",
     "NonFiniteLossError",
+    "Preempted",
     "TrainState",
     "check_capabilities",
+    "check_memory",
     "format_summary",
     "load_final_params",
     "make_evaluate",
     "make_loss_fn",
     "make_runner",
     "make_train_step",
+    "resume_config",
     "setup",
     "train_and_evaluate",
 ]

@@ -29,11 +29,11 @@ def test_every_config_field_has_a_flag_and_defaults_match():
 
 
 def test_flags_reach_the_config():
-    argv = ["train", "--model", "vit", "--dataset", "wine", "--optimizer", "sgd", "--lr", "0.5"]
+    argv = ["train", "--model", "vit", "--dataset", "breast_cancer", "--optimizer", "sgd", "--lr", "0.5"]
     argv += ["--epochs", "3", "--batch-size", "7", "--seed", "9", "--vit-dim", "96", "--vit-depth", "3"]
     config = cli.config_from_args(cli.build_parser().parse_args(argv))
     assert (config.model.options.dim, config.model.options.depth) == (96, 3)
-    assert (config.model.name, config.dataset, config.optimizer.name) == ("vit", "wine", "sgd")
+    assert (config.model.name, config.dataset, config.optimizer.name) == ("vit", "breast_cancer", "sgd")
     assert (config.optimizer.options.lr, config.epochs, config.batch_size, config.seed) == (0.5, 3, 7, 9)
     argv = ["train", "--hidden", "8,4", "--activation", "tanh", "--estimator", "frog", "--tangents", "4"]
     config = cli.config_from_args(cli.build_parser().parse_args(argv))

@@ -15,7 +15,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "jaxalgo"
 # Each unit (a top-level module or subpackage of jaxalgo) may import units of its own layer or lower ones only.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("options",),
-    ("losses", "data", "checkpoint", "optimizers"),
+    ("losses", "data", "checkpoint", "workdir", "optimizers"),
     ("models",),
     ("grads", "experiments"),
     ("runner",),

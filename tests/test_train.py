@@ -50,9 +50,17 @@ def test_resume_after_half_the_epochs_equals_uninterrupted_run(tmp_path):
     assert int(resumed.step) == int(full.step)
     chex.assert_trees_all_close(resumed.params, full.params, rtol=1e-6, atol=1e-7)
     chex.assert_trees_all_close(resumed.opt_state, full.opt_state, rtol=1e-6, atol=1e-7)
-    # The metrics file holds each epoch once, then the final record.
-    assert [line["epoch"] for line in read_metrics(tmp_path / "split")] == [1, 1, 2, 2]
-    assert read_metrics(tmp_path / "split")[-1]["final"]
+    # The metrics file holds each epoch once, the change of epochs at the resume, then one final record (the
+    # finished 1-epoch run's final line is replaced when the run is extended).
+    lines = read_metrics(tmp_path / "split")
+    assert [(line.get("epoch"), line.get("event")) for line in lines] == [
+        (1, None),
+        (None, "resume"),
+        (2, None),
+        (2, None),
+    ]
+    assert lines[1] == {"step": 22, "event": "resume", "changed": {"epochs": [1, 2]}}
+    assert lines[-1]["final"] and sum(bool(line.get("final")) for line in lines) == 1
 
 
 def test_resume_after_sigkill_mid_run_equals_uninterrupted_run(tmp_path):
@@ -165,8 +173,8 @@ def test_workdir_that_is_a_file_is_refused(tmp_path):
 
 def test_resume_with_different_configuration_is_refused(tmp_path):
     train_and_evaluate(RunConfig.from_flags(**{**SMALL.flags(), "epochs": 1}), tmp_path)
-    other = RunConfig.from_flags(**{**SMALL.flags(), "lr": 3e-3})
-    with pytest.raises(CheckpointMismatchError, match=r"lr: checkpoint has 0.001, this run has 0.003"):
+    other = RunConfig.from_flags(**{**SMALL.flags(), "seed": 4})
+    with pytest.raises(CheckpointMismatchError, match=r"seed: checkpoint has 3, this run has 4"):
         train_and_evaluate(other, tmp_path, resume=True)
 
 

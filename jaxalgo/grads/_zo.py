@@ -67,6 +67,7 @@ from jaxalgo.grads._forward import (
     check_loss_fn,
     checked_loss,
     dense_estimator,
+    dense_tangent_bytes,
 )
 from jaxalgo.options import check_fields, option
 
@@ -250,6 +251,10 @@ class ZeroOrderOptions:
             scaling_correction=self.scaling_correction, batching=self.batching, chunk_size=self.chunk_size,
             tangents_name="tangent_dist",
         )  # fmt: skip
+
+    def working_bytes(self, param_bytes: int) -> int:
+        """The perturbation directions' bytes (k parameter copies with vmap batching)."""
+        return dense_tangent_bytes(self.num_tangents, self.batching, self.chunk_size, param_bytes)
 
     def build(self, problem: Problem) -> Estimator:
         return zeroth_order(

@@ -1,8 +1,9 @@
 """Low-rank methods as options of a run: ``none`` and ``oialr`` (the catalogue :data:`LOWRANK`).
 
-A low-rank method's options have ``check(strategy)`` (refuse a strategy it cannot run with, by the strategy's
-declared capability) and ``make_runner(experiment, strategy)``. OIALR changes the model between steps, so it runs
-on one device: :class:`OIALRRunner` puts :class:`~jaxalgo.lowrank.OIALRTrainer` behind the runner protocol.
+A low-rank method's options have ``check(strategy, estimator)`` (refuse a strategy or an estimator it cannot run
+with, by their declared capabilities) and ``make_runner(experiment, strategy)``. OIALR changes the model between
+steps, so it runs on one device: :class:`OIALRRunner` puts :class:`~jaxalgo.lowrank.OIALRTrainer` behind the
+runner protocol.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from jaxalgo.grads import EstimatorOptions
 from jaxalgo.lowrank._hook import OIALRTrainer
 from jaxalgo.lowrank._oialr import OIALRConfig
 from jaxalgo.options import Catalogue, Entry
@@ -20,8 +22,8 @@ from jaxalgo.runner import Experiment, Runner, RunnerBase, StrategyOptions, make
 class NoLowRank:
     """Full-rank training (no options)."""
 
-    def check(self, strategy: StrategyOptions) -> None:
-        del strategy
+    def check(self, strategy: StrategyOptions, estimator: EstimatorOptions | None = None) -> None:
+        del strategy, estimator
 
     def make_runner(self, experiment: Experiment, strategy: StrategyOptions) -> Runner:
         return strategy.make_runner(experiment)
@@ -78,15 +80,22 @@ class OIALROptions(OIALRConfig):
     """OIALR (Coquelin et al., arXiv 2401.08505) as a run's low-rank method; the fields, their defaults and their
     documentation are :class:`~jaxalgo.lowrank.OIALRConfig`'s."""
 
-    def check(self, strategy: StrategyOptions) -> None:
+    def check(self, strategy: StrategyOptions, estimator: EstimatorOptions | None = None) -> None:
+        """Refuses a multi-device strategy, and an estimator that reads the dense layers' kernels (its
+        ``reads_dense_kernels`` ClassVar: after the conversion the layers hold ``U S V^T`` instead)."""
         if not type(strategy).single_device:
             raise ValueError(
                 "lowrank: OIALR changes the model between steps and runs on one device only; "
                 f"got the multi-device strategy {type(strategy).__name__}"
             )
+        if getattr(type(estimator), "reads_dense_kernels", False):
+            raise ValueError(
+                f"lowrank: {type(estimator).__name__} reads each dense layer's kernel, which OIALR replaces by "
+                "U S V^T factors; use an estimator that works on any block (backprop, fg, frog, f3, dfa, drtp, llo)"
+            )
 
     def make_runner(self, experiment: Experiment, strategy: StrategyOptions) -> Runner:
-        self.check(strategy)
+        self.check(strategy, experiment.estimator_options)
         return OIALRRunner(experiment, self)
 
 

@@ -2,14 +2,14 @@
 
 Each program a runner runs (a step of some phase, a sync) is measured once per set of argument shapes with
 :func:`jaxalgo.parallel.comm_report` (the compiled HLO, bytes per device at the requested dtypes) and then counted
-every time it runs. The metrics line of an epoch reports the mean over the steps run since the previous line
-(after a resume: since the resume):
+every time it runs. The metrics line of an epoch reports the mean over the steps of the epoch:
 
 - ``comm_bytes_per_step``: everything a device sends, at every mesh level;
 - ``comm_cross_node_bytes_per_step``: the part whose replica groups span the mesh's outermost axis (``"node"``
   for DDP and DASO, ``"group"`` for AB-training), i.e. the network traffic when that axis is the node axis.
 
-The final metrics line reports the same two means over the whole run (since the start or the resume).
+The final metrics line reports the same two means over the whole run. The sums go into each checkpoint's record
+(:meth:`TrafficMeter.totals`, :meth:`TrafficMeter.load`), so a resumed run reports the uninterrupted run's figures.
 
 Measuring lowers and compiles the program before its first run; JAX's compilation cache then serves the run
 itself (and a measurement after a run), so nothing is compiled twice.
@@ -29,7 +29,7 @@ class TrafficMeter:
     def __init__(self) -> None:
         self._cache: dict[Hashable, Any] = {}
         self._epoch = [0.0, 0.0, 0]  # bytes, cross-node bytes, steps since the last metrics line
-        self._run = [0.0, 0.0, 0]  # the same since the start (or the resume)
+        self._run = [0.0, 0.0, 0]  # the same since the start of the run
 
     def measured(self, key: Hashable, measure: Callable[[], Any]) -> Any:
         """``measure()`` on the first call with ``key``, the cached value afterwards."""
@@ -57,8 +57,18 @@ class TrafficMeter:
         return out
 
     def run_metrics(self) -> dict[str, float]:
-        """The means per step over the whole run (since the start or the resume)."""
+        """The means per step over the whole run."""
         return _means(self._run)
+
+    def totals(self) -> dict[str, list[float]]:
+        """The sums so far (JSON-able), for a checkpoint's record."""
+        return {"epoch": list(self._epoch), "run": list(self._run)}
+
+    def load(self, totals: dict[str, list[float]] | None) -> None:
+        """Continues from the sums of :meth:`totals` (a resumed run); ``None`` (an older record) keeps zeros."""
+        if totals:
+            self._epoch = [float(totals["epoch"][0]), float(totals["epoch"][1]), int(totals["epoch"][2])]
+            self._run = [float(totals["run"][0]), float(totals["run"][1]), int(totals["run"][2])]
 
 
 def _means(sums: list) -> dict[str, float]:
