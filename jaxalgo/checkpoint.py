@@ -21,8 +21,10 @@ shapes and dtypes are checked against what the current configuration expects.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -35,6 +37,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 CORRUPT_DIR = "corrupt_checkpoints"
+MANIFEST = "jaxalgo_manifest.json"  # SHA-256 of every file of a checkpoint, written once it is complete
 
 
 class CheckpointMismatchError(ValueError):
@@ -68,6 +71,20 @@ def state_digests(state: Any) -> dict[str, str]:
     return digests
 
 
+def _file_digests(step_dir: str) -> dict[str, str]:
+    """``{path relative to step_dir: SHA-256}`` of every file of a checkpoint directory but the manifest."""
+    digests = {}
+    for root, _, names in os.walk(step_dir):
+        for name in names:
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, step_dir)
+            if relative.startswith(MANIFEST):
+                continue
+            with open(path, "rb") as f:
+                digests[relative] = hashlib.file_digest(f, "sha256").hexdigest()
+    return dict(sorted(digests.items()))
+
+
 def _record_digest(record: dict[str, Any]) -> str:
     body = {k: v for k, v in record.items() if k != "record_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
@@ -78,6 +95,32 @@ def _reason(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     first = text[0] if text else ""
     return f"{type(error).__name__}: {first[:200]}" if first else type(error).__name__
+
+
+class _DropReportsAbout(logging.Filter):
+    """Drops log records that mention ``directory`` (orbax, tensorstore's unretrieved futures and asyncio log tens
+    of lines and stack traces for one damaged checkpoint; the checkpointer reports it in one line instead)."""
+
+    LOGGERS = ("absl", "asyncio", "orbax")
+
+    def __init__(self, directory: str):
+        super().__init__()
+        self.directory = directory
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += str(record.exc_info[1])
+        return self.directory not in text and "Metadata file" not in text
+
+    def install(self) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).addFilter(self)
+
+    def remove(self) -> None:
+        gc.collect()  # unretrieved futures of a failed read log when collected: collect them while filtered
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeFilter(self)
 
 
 class Checkpointer:
@@ -95,6 +138,8 @@ class Checkpointer:
         self.directory = os.path.abspath(os.fspath(directory))
         self._max_to_keep = max_to_keep
         self._report = report or (lambda line: None)
+        self._quiet = _DropReportsAbout(self.directory)
+        self._quiet.install()
         self._manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
@@ -120,13 +165,45 @@ class Checkpointer:
             force=True,
         )
         self._manager.wait_until_finished()
+        if jax.process_index() == 0:  # every process's files are complete once orbax has finalised the step
+            step_dir = os.path.join(self.directory, str(int(step)))
+            digests, tmp = _file_digests(step_dir), os.path.join(step_dir, MANIFEST + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump(digests, f)
+            os.replace(tmp, os.path.join(step_dir, MANIFEST))
+
+    def verify_files(self, step: int) -> None:
+        """Compares checkpoint ``step``'s files with its manifest, before orbax reads any of them (a damaged file
+        is then reported in one line, not by the tens of log lines a failed read prints). A checkpoint written
+        before manifests existed has none and is checked by its array checksums only.
+
+        Raises:
+          CheckpointCorruptError: a file is missing, added or changed, or the manifest cannot be read.
+        """
+        step_dir = os.path.join(self.directory, str(int(step)))
+        path = os.path.join(step_dir, MANIFEST)
+        if not os.path.exists(path):
+            return
+        try:
+            with open(path) as f:
+                expected = json.load(f)
+        except (OSError, ValueError) as error:
+            raise CheckpointCorruptError(f"checkpoint {step}: manifest unreadable ({_reason(error)})") from None
+        actual = _file_digests(step_dir)
+        missing = sorted(set(expected) - set(actual))
+        changed = sorted(k for k in expected if k in actual and actual[k] != expected[k])
+        if missing or changed or not isinstance(expected, dict):
+            what = [f"{name} is missing" for name in missing[:2]] + [f"{name} changed" for name in changed[:2]]
+            raise CheckpointCorruptError(f"checkpoint {step}: {', '.join(what) or 'manifest damaged'}")
 
     def read_record(self, step: int) -> dict[str, Any]:
         """The verified JSON record of checkpoint ``step``, without reading the arrays.
 
         Raises:
-          CheckpointCorruptError: the record cannot be read or differs from its checksum.
+          CheckpointCorruptError: a file differs from the manifest, or the record cannot be read or differs from its
+            checksum.
         """
+        self.verify_files(step)
         try:
             restored = self._manager.restore(int(step), args=ocp.args.Composite(record=ocp.args.JsonRestore()))
             record = dict(restored.record)
@@ -219,6 +296,7 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+        self._quiet.remove()
 
 
 def newest_record(directory: str | os.PathLike) -> dict[str, Any] | None:

@@ -69,8 +69,16 @@ def family_flags(family) -> list[Flag]:
     return _merged([(flag, name) for name, entry in family.entries.items() for flag in entry.flags])
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (no usage block), exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        print(f"jaxalgo: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxalgo", description="Training beyond plain backpropagation, in JAX.")
+    parser = _Parser(prog="jaxalgo", description="Training beyond plain backpropagation, in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser(
         "train",
@@ -128,8 +136,11 @@ def _start_devices(args: argparse.Namespace, config: RunConfig) -> None:
 
     The processes come from the flags or, under srun / mpirun, from the scheduler's environment
     (:func:`jaxalgo.parallel.resolve_processes`); a run of several processes needs a strategy that is not
-    ``single_device``. Raises ValueError (exit status 2) for bad input and ClusterError (exit status
-    ``PEER_LOST_EXIT_STATUS``) when the processes do not all connect.
+    ``single_device``. Run as the ``jaxalgo`` command, each process of a multi-process run forks: the child trains,
+    the parent supervises it and exits with its status, or with ``PEER_LOST_EXIT_STATUS`` (69) and one line when
+    another process is lost (:func:`jaxalgo.parallel.initialize_distributed` with ``supervise=True``). Raises
+    ValueError (exit status 2) for bad input and ClusterError (exit status 69) when the processes do not all
+    connect.
     """
     for name in ("peer_timeout", "init_timeout"):
         value = getattr(args, name)
@@ -143,6 +154,13 @@ def _start_devices(args: argparse.Namespace, config: RunConfig) -> None:
             f"({plan.method}); choose a strategy for several devices ({multi}) or start a single process"
         )
     if plan.multi_process or args.devices is not None:
+        main_module = sys.modules.get("__main__")
+        spec = getattr(main_module, "__spec__", None)
+        as_command = (
+            spec.name in ("jaxalgo.__main__", "jaxalgo.cli")
+            if spec is not None
+            else os.path.basename(getattr(main_module, "__file__", None) or "") == "jaxalgo"
+        )
         initialize_distributed(
             plan.coordinator,
             plan.num_processes,
@@ -150,6 +168,7 @@ def _start_devices(args: argparse.Namespace, config: RunConfig) -> None:
             local_device_count=args.devices,
             timeout_seconds=args.init_timeout,
             peer_timeout_seconds=args.peer_timeout,
+            supervise=as_command,  # the jaxalgo command runs each process under a supervisor; main([...]) does not
         )
 
 

@@ -293,7 +293,7 @@ def train_and_evaluate(config: RunConfig, workdir: str | os.PathLike, *, resume:
     learning rate, logging, checkpoint cadence) may differ from the checkpoint's; each change is recorded.
 
     Raises:
-      ValueError (and subclasses), OSError: bad configuration, data or workdir, before training starts.
+      ValueError, OSError: bad configuration, data or workdir (ValueError or a subclass), before training starts.
       NonFiniteLossError: the loss became NaN or infinite (the last good checkpoint is kept).
       Preempted: SIGTERM or SIGUSR1 arrived; a checkpoint was saved.
     """
@@ -384,6 +384,16 @@ def _history_of(record: dict[str, Any], metrics_path: str, step: int) -> list[di
     return [line for line in read_metrics(metrics_path) if line.get("step", 0) <= step]
 
 
+def _restore_metrics(metrics_path: str, history: list[dict[str, Any]]) -> None:
+    """Makes the metrics file hold exactly ``history`` (rewritten only when it differs or cannot be read)."""
+    try:
+        if os.path.exists(metrics_path) and read_metrics(metrics_path) == history:
+            return
+    except ValueError:
+        pass  # a damaged metrics file: the checkpoint's copy replaces it
+    write_metrics(metrics_path, history)
+
+
 def _initial_state(
     config: RunConfig,
     experiment: Experiment,
@@ -422,6 +432,7 @@ def _initial_state(
     final = [line for line in history if line.get("final")]
     if final and step == experiment.total_steps:
         if runner.is_primary:
+            _restore_metrics(metrics_path, history)
             print(
                 f"resume: the run in {os.path.dirname(checkpointer.directory)} is finished ({done} epochs, step "
                 f"{step}); nothing to do (give --epochs {done + 1} or more to train further)",
@@ -434,7 +445,7 @@ def _initial_state(
         history.append({"step": step, "event": "resume", "changed": changed})
     runner.load_record(record)
     if runner.is_primary:
-        write_metrics(metrics_path, history)
+        _restore_metrics(metrics_path, history)
     run_record = _RunRecord(history=history, loss_sum=float(record.get("epoch_loss_sum", 0.0)))
     return state, float(record.get("elapsed_seconds", 0.0)), run_record
 
@@ -467,7 +478,8 @@ def _run(
 
     def save(state: Any, step: int, *lines: dict[str, Any]) -> None:
         if not bool(_all_finite(state.params)):
-            raise NonFiniteLossError(_diverged(f"parameters became NaN or infinite by step {step}", config, workdir))
+            what = f"parameters became NaN or infinite by step {step}"
+            raise NonFiniteLossError(_diverged(what, config, checkpointer))
         record = {
             "config": config.to_dict(),
             "config_fingerprint": config.fingerprint(),
@@ -483,7 +495,7 @@ def _run(
     def check_finite(loss: jax.Array, step: int) -> float:
         value = float(loss)
         if not math.isfinite(value):
-            raise NonFiniteLossError(_diverged(f"loss became {value} at step {step}", config, workdir))
+            raise NonFiniteLossError(_diverged(f"loss became {value} at step {step}", config, checkpointer))
         return value
 
     interactive = sys.stderr.isatty() and not config.quiet
@@ -549,10 +561,10 @@ def _run(
     return {**final, "state": state}
 
 
-def _diverged(what: str, config: RunConfig, workdir: str) -> str:
+def _diverged(what: str, config: RunConfig, checkpointer: Checkpointer) -> str:
     """The message of a non-finite loss: where the last good checkpoint is and the command that resumes from it
     with a smaller learning rate."""
-    steps = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR)).all_steps() if os.path.isdir(workdir) else []
+    steps, workdir = checkpointer.all_steps(), os.path.dirname(checkpointer.directory)
     lr = config.flags().get("lr")
     smaller = f" --lr {lr / 10:g}" if isinstance(lr, float) else ""
     if not steps:
