@@ -531,7 +531,8 @@ def _run(
                         save(state, step)
                     if notice.requested():
                         check_finite(losses[-1], step)
-                        save(state, step)
+                        if checkpointer.latest_step() != step:  # not just saved by the cadence above
+                            save(state, step)
                         raise Preempted(_preempted(notice, step, workdir))
                 train_loss = check_finite(run_record.fold() / spe, step)
                 run_record.loss_sum = 0.0

@@ -18,7 +18,9 @@ from jaxalgo.train import train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = {"hidden": (128,), "lr": 3e-3, "epochs": 10, "batch_size": 64, "quiet": True, "seed": 0, "mesh": "2x4"}
-DASO = {"daso_warmup_epochs": 2, "daso_cooldown_epochs": 2}
+# The per-step programs, so that a checkpoint can fall between a send and its merge (the resume test below); the
+# default window program takes the same trajectory (tests/test_daso_window.py) but checkpoints only after a merge.
+DASO = {"daso_warmup_epochs": 2, "daso_cooldown_epochs": 2, "daso_program": "step"}
 
 
 def read_metrics(workdir) -> list[dict]:

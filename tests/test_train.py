@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 import jaxalgo
+from jaxalgo import train
 from jaxalgo.checkpoint import CheckpointMismatchError
 from jaxalgo.config import RunConfig
 from jaxalgo.options import Entry
@@ -63,14 +65,23 @@ def test_resume_after_half_the_epochs_equals_uninterrupted_run(tmp_path):
     assert lines[-1]["final"] and sum(bool(line.get("final")) for line in lines) == 1
 
 
-def test_resume_after_sigkill_mid_run_equals_uninterrupted_run(tmp_path):
-    config = RunConfig.from_flags(hidden=(512, 512), epochs=12, batch_size=32, checkpoint_every=10, quiet=True, seed=1)
-    workdir = tmp_path / "killed"
+KILLED = RunConfig.from_flags(hidden=(512, 512), epochs=12, batch_size=32, checkpoint_every=10, quiet=True, seed=1)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_512(tmp_path_factory):
+    path = tmp_path_factory.mktemp("full")
+    state = train_and_evaluate(KILLED, path)["state"]
+    return state, [{k: v for k, v in line.items() if k != "seconds"} for line in read_metrics(path)]
+
+
+def _signal_mid_run(workdir, signum: int) -> subprocess.CompletedProcess:
+    """Runs KILLED on the command line and sends ``signum`` once it has checkpointed step 20 or later."""
     command = [sys.executable, "-m", "jaxalgo", "train", "--quiet", "--workdir", str(workdir)]
     command += ["--hidden", "512,512", "--epochs", "12", "--batch-size", "32", "--checkpoint-every", "10"]
     command += ["--seed", "1"]
     env = {**os.environ, "PYTHONPATH": REPO}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     checkpoints = workdir / "checkpoints"
     deadline = time.monotonic() + 120
     try:
@@ -78,25 +89,46 @@ def test_resume_after_sigkill_mid_run_equals_uninterrupted_run(tmp_path):
             if checkpoints.exists() and any(p.name.isdigit() and int(p.name) >= 20 for p in checkpoints.iterdir()):
                 break
             time.sleep(0.01)
-        assert process.poll() is None, f"run ended before it could be killed: {process.stderr.read()!r}"
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
+        assert process.poll() is None, f"run ended before it could be signalled: {process.stderr.read()!r}"
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
-        process.stderr.close()
-    assert process.returncode == -signal.SIGKILL
-    total = 12 * (1437 // 32)
-    killed_at = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
-    assert 20 <= killed_at < total
+            process.wait()
+    return subprocess.CompletedProcess(command, process.returncode, "", stderr)
 
-    resumed = train_and_evaluate(config, workdir, resume=True)["state"]
-    full = train_and_evaluate(config, tmp_path / "full")["state"]
-    assert int(resumed.step) == int(full.step) == total
+
+def _assert_resumes_exactly(workdir, uninterrupted_512) -> None:
+    full, lines = uninterrupted_512
+    resumed = train_and_evaluate(KILLED, workdir, resume=True)["state"]
+    assert int(resumed.step) == int(full.step) == 12 * (1437 // 32)
     chex.assert_trees_all_close(resumed.params, full.params, rtol=1e-6, atol=1e-7)
     chex.assert_trees_all_close(resumed.opt_state, full.opt_state, rtol=1e-6, atol=1e-7)
-    restored = load_final_params(workdir, config)
+    restored = load_final_params(workdir, KILLED)
     chex.assert_trees_all_close(restored.params, full.params, rtol=1e-6, atol=1e-7)
+    assert [{k: v for k, v in line.items() if k != "seconds"} for line in read_metrics(workdir)] == lines
+
+
+def test_resume_after_sigkill_mid_run_equals_uninterrupted_run(tmp_path, uninterrupted_512):
+    result = _signal_mid_run(tmp_path, signal.SIGKILL)
+    assert result.returncode == -signal.SIGKILL
+    killed_at = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert 20 <= killed_at < 12 * (1437 // 32)
+    _assert_resumes_exactly(tmp_path, uninterrupted_512)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_checkpoints_at_the_next_step_and_resumes_exactly(tmp_path, signum, uninterrupted_512):
+    result = _signal_mid_run(tmp_path, signum)
+    assert result.returncode == train.PREEMPTED_EXIT_STATUS, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    name = signal.Signals(signum).name
+    match = re.fullmatch(rf"jaxalgo: preempted by {name}: saved a checkpoint at step (\d+) in .*--resume", last)
+    assert match, last
+    saved = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert int(match.group(1)) == saved >= 20  # the step it reached, not the last periodic checkpoint
+    _assert_resumes_exactly(tmp_path, uninterrupted_512)
 
 
 def test_default_config_learns_digits(tmp_path):

@@ -142,6 +142,11 @@ def _flat(a: jax.Array, lead: int) -> jax.Array:
     return a.reshape(*a.shape[:lead], -1)
 
 
+def _wide(a: jax.Array) -> Any:
+    """The dtype directional derivatives are formed in: ``a``'s, at least float32."""
+    return jnp.promote_types(a.dtype, jnp.float32)
+
+
 def _coefficients(aggregation: str, d: jax.Array, flat_tangents: Sequence[jax.Array]) -> jax.Array:
     """Coefficients ``c`` (k, B) with ``delta_b ~ U^T c_b`` from ``d`` (k, B) and the tangents (each (k, n_l))."""
     k = d.shape[0]
@@ -258,7 +263,8 @@ def activity_forward_gradient(
         for index, h in enumerate(outputs[:-1]):
             size = math.prod(h.shape[1:])
             sub = jax.random.fold_in(readout_key, index)
-            mats.append(jax.random.normal(sub, (size, width), h.dtype) / jnp.sqrt(jnp.asarray(size, h.dtype)))
+            dtype = jnp.promote_types(h.dtype, jnp.float32)  # a readout is state (learned ones): never bfloat16
+            mats.append(jax.random.normal(sub, (size, width), dtype) / jnp.sqrt(jnp.asarray(size, dtype)))
         return mats
 
     def heads(outputs, mats):
@@ -313,7 +319,7 @@ def activity_forward_gradient(
 
         deltas = jax.grad(loss_of_perturbations)([jnp.zeros_like(h) for h in outputs])
         return sum(
-            jnp.einsum("bn,kn->kb", _flat(dl, 1), _flat(u, 1).astype(dl.dtype))
+            jnp.einsum("bn,kn->kb", _flat(dl, 1).astype(_wide(dl)), _flat(u, 1).astype(_wide(dl)))
             for dl, u in zip(deltas, us, strict=True)
         )
 
@@ -331,7 +337,8 @@ def activity_forward_gradient(
                 ds.append(jnp.einsum("bc,kc->kb", _flat(g_r, 1), _flat(head_dot, 1).astype(g_r.dtype)))
             else:
                 delta = jax.grad(lambda z, head=head: checked_loss(head(z), labels))(h)
-                ds.append(jnp.einsum("bn,kn->kb", _flat(delta, 1), _flat(u, 1).astype(delta.dtype)))
+                wide = _wide(delta)
+                ds.append(jnp.einsum("bn,kn->kb", _flat(delta, 1).astype(wide), _flat(u, 1).astype(wide)))
         return ds
 
     def correction(size):
@@ -354,6 +361,9 @@ def activity_forward_gradient(
             normalize=normalize_tangents,
             normalize_per_block=local_losses,
         )
+        # each block's tangent in its output's dtype (bfloat16 activations under mixed precision: jax.jvp wants it
+        # there); the Gram matrix and the combination use these same rounded tangents, in float32
+        us = [u.astype(h.dtype) for u, h in zip(us, outputs, strict=True)]
         flat_us = [_flat(u, 1) for u in us]
         if local_losses:
             mats = list(state.readouts) if learned else readouts(outputs)

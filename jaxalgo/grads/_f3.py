@@ -434,9 +434,11 @@ def _head_loss(spec: _Spec, head_params, h, y):
     return loss, z
 
 
-def _hidden_cotangent(spec: _Spec, e, matrix, shape):
+def _hidden_cotangent(spec: _Spec, e, matrix, h):
+    """``s e B_l`` shaped like the block output ``h``: the product in the error's and feedback's dtype (float32
+    under mixed precision, like the buffer), rounded once to ``h``'s dtype (the block's vjp wants it there)."""
     scale = 1.0 if spec.hidden_reduction == "sum" else 1.0 / e.shape[0]
-    return (scale * (e @ matrix)).reshape(shape).astype(matrix.dtype)
+    return (scale * (e @ matrix)).reshape(h.shape).astype(h.dtype)
 
 
 def _after(done: Any, values: Any) -> Any:
@@ -465,7 +467,7 @@ def _surrogate_step(spec: _Spec, params, feedback, batch, t, e):
         signal = jax.lax.stop_gradient(_current_error(spec, z, t) if e is None else e)
         feedback_term = sum(
             (
-                jnp.vdot(h_l, _hidden_cotangent(spec, signal, b_l, h_l.shape))
+                jnp.vdot(h_l, _hidden_cotangent(spec, signal, b_l, h_l))
                 for h_l, b_l in zip(hidden, feedback, strict=True)
             ),
             start=jnp.zeros((), loss.dtype),
@@ -484,7 +486,7 @@ def _per_block_step(spec: _Spec, params, feedback, batch, t, e):
     grads, h, params = [], batch["x"], list(params)
     for index in range(chain.num_blocks - 1):
         out, block_vjp = jax.vjp(lambda p, i=index, h_in=h: chain.apply_block(i, p, h_in), params[index])
-        (g,) = block_vjp(_hidden_cotangent(spec, e, feedback[index], out.shape))
+        (g,) = block_vjp(_hidden_cotangent(spec, e, feedback[index], out))
         grads.append(g)
         h = out
         params[index + 1], e = _after(g, (params[index + 1], e))
@@ -556,7 +558,7 @@ def _feedback_estimator(
 
 
 _SHARED_ARGS_DOC = """
-    Args:
+Args:
       chain: the model as blocks: a :class:`jaxalgo.models.ChainFn` (``params`` one dict per block), or a list
         of block functions ``block(params_l, h) -> h`` (or :func:`jaxalgo.models.chain_of` of one), ``params``
         then a list or tuple of per-block pytrees; ``grads`` come in the container of ``params``.
@@ -593,6 +595,7 @@ def f3(
     encoded ``train_targets``); each batch must carry ``batch["idx"]``, the samples' positions in the training
     split. The variants without a buffer (``current_error``, ``one_hot_target``, ``zeros``) give DFA, DRTP and
     last-layer-only with :class:`FeedbackState`.
+
     {args}
       train_targets: the training split's labels (N,) or targets (N, C), in index order.
       variant: one of :data:`F3_VARIANTS`.
@@ -653,6 +656,7 @@ dfa.__name__ = dfa.__qualname__ = "dfa"
 dfa.__doc__ = """Direct feedback alignment (Nøkland 2016): hidden block ``l`` receives ``(t - y) B_l`` (current error).
 
     The same estimator as ``f3(..., variant="current_error")``; state :class:`FeedbackState`.
+
     {args}
     References:
       Nøkland, *Direct Feedback Alignment Provides Learning in Deep Neural Networks*, NeurIPS 2016.
@@ -664,6 +668,7 @@ drtp.__doc__ = """Direct random target projection (Frenkel et al. 2021): hidden 
 
     The same estimator as ``f3(..., variant="one_hot_target")``; ``t`` is the one-hot label (classification) or
     the target (regression). State :class:`FeedbackState`.
+
     {args}
     References:
       Frenkel, Lefebvre, Bol, *Learning Without Feedback*, Frontiers in Neuroscience 2021.
@@ -674,6 +679,7 @@ last_layer_only.__name__ = last_layer_only.__qualname__ = "last_layer_only"
 last_layer_only.__doc__ = """Last layer only (shallow learning): true gradient for the last block, zero for the rest.
 
     The same estimator as ``f3(..., variant="zeros")``: a lower baseline for the feedback methods.
+
     {args}
     """
 
@@ -694,7 +700,7 @@ class FeedbackOptions:
 
     The presets of :data:`FEEDBACK_PRESETS` pin the variant: ``dfa`` is ``current_error``, ``drtp``
     ``one_hot_target``, ``llo`` ``zeros``; ``f3`` leaves it free. The error ``t - y`` takes its output
-    nonlinearity from the problem's ``loss_name`` (:data:`LOSS_ACTIVATIONS`; inferred from ``output_loss`` when
+    nonlinearity from the problem's ``loss_name`` (``LOSS_ACTIVATIONS``; inferred from ``output_loss`` when
     the name is None).
 
     Attributes:
@@ -714,6 +720,7 @@ class FeedbackOptions:
     reduction: Literal["sum", "mean"] = option("sum", flag="feedback_reduction")
 
     data_parallel: ClassVar[bool] = False
+    pipeline: ClassVar[str] = "feedback"  # stages update from their own signal (jaxalgo.parallel.pipeline)
 
     def __post_init__(self):
         check_fields(self)

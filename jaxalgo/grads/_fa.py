@@ -30,7 +30,7 @@ from flax import nnx
 from jaxalgo.grads._estimator import Estimator, Problem, check_float_params, check_scalar_loss
 from jaxalgo.grads._f3 import FeedbackState
 from jaxalgo.grads._feedback import check_feedback_init, feedback_matrices
-from jaxalgo.models import ACTIVATIONS, DenseBlock
+from jaxalgo.models import ACTIVATIONS, DenseBlock, precision_policy
 from jaxalgo.models._chain import BlockFns, Chain
 from jaxalgo.options import check_fields, option
 
@@ -129,15 +129,19 @@ def fa(
         dtype = params[0]["linear"]["kernel"].dtype
         return FeedbackState(feedback_matrices(key, shapes, feedback_init, dtype))
 
+    policy = precision_policy(chain)  # a mixed-precision chain: its casts, as MixedPrecisionChain.apply_block does
+
     def forward(params, feedback, x):
         modules = _dense_blocks(chain, params)
+        # feedback products in the compute dtype too: they stand where backprop's W^T products are
+        params, feedback, x = policy.cast_to_compute((params, feedback, x))
         for index, (module, block_params) in enumerate(zip(modules, params, strict=True)):
             if module.flatten:
                 x = x.reshape(x.shape[0], -1)
             kernel, bias = block_params["linear"]["kernel"], block_params["linear"]["bias"]
             a = (x @ kernel if index == 0 else feedback_matmul(x, kernel, feedback[index - 1])) + bias
             x = ACTIVATIONS[module.activation](a)
-        return x
+        return policy.cast_to_output(x)
 
     def value_and_grad(params, state, batch, *, key=None):
         del key
@@ -169,6 +173,7 @@ class FAOptions:
     )
 
     data_parallel: ClassVar[bool] = False
+    reads_dense_kernels: ClassVar[bool] = True  # works on DenseBlock kernels only (not on low-rank factors)
 
     def __post_init__(self):
         check_fields(self)

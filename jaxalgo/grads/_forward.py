@@ -513,6 +513,13 @@ def forward_gradient(
     return dense_estimator(_linearized(loss_fn, has_aux, mode), spec)
 
 
+def dense_tangent_bytes(num_tangents: int, batching: str, chunk_size: int | None, param_bytes: int) -> int:
+    """Bytes of the dense tangents held at once: ``k`` copies of the parameters with ``vmap``, ``chunk_size`` with
+    ``chunk``, one with ``scan`` (a lower bound of the estimator's working memory, for the up-front check)."""
+    held = {"vmap": num_tangents, "chunk": chunk_size or num_tangents, "scan": 1}[batching]
+    return int(held) * int(param_bytes)
+
+
 @dataclasses.dataclass(frozen=True)
 class ForwardOptions:
     """Multi-tangent forward gradients with weight perturbation, FROG with the projection (see
@@ -548,6 +555,12 @@ class ForwardOptions:
             normalize_tangents=self.normalize_tangents, scaling_correction=self.scaling_correction,
             batching=self.batching, chunk_size=self.chunk_size, mode=self.mode, tangents_name="tangent_dist",
         )  # fmt: skip
+
+    def working_bytes(self, param_bytes: int) -> int:
+        """The dense tangent matrix's bytes (rank-1 tangents hold two vectors per weight: not counted)."""
+        if self.tangent_dist == "rank1":
+            return 0
+        return dense_tangent_bytes(self.num_tangents, self.batching, self.chunk_size, param_bytes)
 
     def build(self, problem: Problem) -> Estimator:
         return forward_gradient(

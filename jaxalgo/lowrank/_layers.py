@@ -36,7 +36,7 @@ from flax import nnx
 from jaxalgo.lowrank._conv import LowRankConv, conv_view
 from jaxalgo.lowrank._svd import Factors, factored_is_cheaper, host_compose, host_factorize
 from jaxalgo.lowrank._variables import FrozenFactor
-from jaxalgo.models import ChainFn, ChainParams
+from jaxalgo.models import ChainFn, ChainParams, with_precision_of
 
 U_NAME, S_NAME, V_NAME = "U", "S", "V"
 FROZEN_NAMES = frozenset({U_NAME, V_NAME})
@@ -244,7 +244,7 @@ def factorize_chain(
     Args:
       fn: the chain's function.
       params: its parameters.
-      min_aspect: eligibility threshold (see :func:`is_eligible`).
+      min_aspect: eligibility threshold (see ``is_eligible``).
       ranks: optional ``{layer name: (rank, size)}``: keep the leading ``rank`` singular triplets, stored in arrays
         of ``size >= rank`` (zero-padded, see :func:`jaxalgo.lowrank.rank_buckets`). Layers not named keep full
         rank, which makes the conversion exact.
@@ -283,7 +283,7 @@ def factorize_chain(
         )
         modules[info.block] = _replace(module, info.path, new)
     new_fn, new_params = _split_blocks(modules)
-    return new_fn, new_params, tuple(layers)
+    return with_precision_of(new_fn, fn), new_params, tuple(layers)  # a mixed-precision chain stays one
 
 
 def densify_chain(fn: ChainFn, params: ChainParams) -> tuple[ChainFn, ChainParams]:
@@ -326,7 +326,8 @@ def densify_chain(fn: ChainFn, params: ChainParams) -> tuple[ChainFn, ChainParam
                 dense.bias[...] = node.bias[...]
             modules[index] = _replace(module, path, dense)
             module = modules[index]
-    return _split_blocks(modules)
+    new_fn, new_params = _split_blocks(modules)
+    return with_precision_of(new_fn, fn), new_params
 
 
 def layer_params(params: ChainParams, info: LayerInfo) -> dict[str, jax.Array]:

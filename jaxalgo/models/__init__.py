@@ -2,6 +2,7 @@
 
 Builders: :func:`mlp`, :func:`resnet`, :func:`vit`, or :func:`build_model` by name (the catalogue :data:`MODELS`,
 one options dataclass per model; ``module:function`` names a user's own factory).
+Mixed precision: :func:`with_compute_dtype` makes a chain compute in bfloat16 with float32 parameters.
 Every model is a :class:`Chain` whose blocks hold only ``nnx.Param`` s; weight matrices are 2-D ``kernel`` s
 of ``nnx.Linear`` (``(in, out)``) or 4-D ``kernel`` s of ``nnx.Conv`` (``(kh, kw, in, out)``).
 """
@@ -19,6 +20,15 @@ from jaxalgo.models._build import (
 from jaxalgo.models._chain import BlockFns, Chain, ChainFn, ChainParams, chain_of, merge_chain, split_chain
 from jaxalgo.models._common import ACTIVATIONS
 from jaxalgo.models._mlp import DenseBlock, mlp
+from jaxalgo.models._precision import (
+    FULL_PRECISION,
+    MixedPrecisionChain,
+    PrecisionPolicy,
+    cast_floating,
+    precision_policy,
+    with_compute_dtype,
+    with_precision_of,
+)
 from jaxalgo.models._resnet import ConvStem, PoolHead, ResidualBlock, resnet
 from jaxalgo.models._vit import (
     PatchEmbedding,
@@ -31,6 +41,7 @@ from jaxalgo.models._vit import (
 
 __all__ = [
     "ACTIVATIONS",
+    "FULL_PRECISION",
     "MODELS",
     "BlockFns",
     "Chain",
@@ -40,8 +51,10 @@ __all__ = [
     "DenseBlock",
     "ImportedModel",
     "MLPOptions",
+    "MixedPrecisionChain",
     "PatchEmbedding",
     "PoolHead",
+    "PrecisionPolicy",
     "ResNetOptions",
     "ResidualBlock",
     "SelfAttention",
@@ -49,13 +62,17 @@ __all__ = [
     "TransformerBlock",
     "ViTOptions",
     "build_model",
+    "cast_floating",
     "chain_of",
     "default_patch_size",
     "merge_chain",
     "mlp",
     "model_entry",
     "model_options",
+    "precision_policy",
     "resnet",
     "split_chain",
     "vit",
+    "with_compute_dtype",
+    "with_precision_of",
 ]

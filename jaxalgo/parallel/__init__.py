@@ -2,6 +2,19 @@
 DASO, AB-training, and communication accounting."""
 
 from jaxalgo.options import Catalogue, Entry
+from jaxalgo.parallel._cluster import (
+    DEFAULT_INIT_TIMEOUT,
+    DEFAULT_PEER_TIMEOUT,
+    PEER_LOST_EXIT_STATUS,
+    ClusterError,
+    ProcessPlan,
+    Watchdog,
+    expand_nodelist,
+    parse_coordinator,
+    rendezvous,
+    resolve_processes,
+    slurm_port,
+)
 from jaxalgo.parallel._collectives import (
     STATE_MERGES,
     mean_over,
@@ -14,6 +27,7 @@ from jaxalgo.parallel._comm import KINDS, Collective, CommReport, comm_report
 from jaxalgo.parallel._daso import (
     COMM_DTYPES,
     PHASES,
+    PROGRAMS,
     Daso,
     DasoConfig,
     DasoSchedule,
@@ -21,10 +35,12 @@ from jaxalgo.parallel._daso import (
     DasoTrainState,
     daso,
     daso_phase,
+    daso_window,
     initial_schedule,
     merge_stale,
     place_daso_state,
     update_schedule,
+    window_comm_report,
 )
 from jaxalgo.parallel._data_parallel import check_batch, data_parallel
 from jaxalgo.parallel._forward_dp import REDUCTIONS, directional_value_and_grad, mean_packed
@@ -35,11 +51,13 @@ from jaxalgo.parallel._mesh import (
     check_divisible,
     detect_cluster,
     initialize_distributed,
+    local_batch_rows,
     make_mesh,
     parse_mesh_shape,
     place,
     replicate,
     shard,
+    shard_local,
 )
 from jaxalgo.parallel._strategies import (
     ABOptions,
@@ -68,6 +86,7 @@ from jaxalgo.parallel.ab import (
     lr_factor,
     place_ab_state,
 )
+from jaxalgo.parallel.pipeline import PipelineOptions, feedback_pipeline, gpipe, stage_mesh
 from jaxalgo.runner import SingleDevice
 
 STRATEGIES: Catalogue = {
@@ -75,6 +94,7 @@ STRATEGIES: Catalogue = {
     "ddp": Entry(DDPOptions, help="gradient (or k-number) all-reduce every step"),
     "daso": Entry(DasoOptions, help="DASO: node-local averaging every step, stale global averages"),
     "ab": Entry(ABOptions, help="AB-training: groups train low-rank factors A or B"),
+    "pipeline": Entry(PipelineOptions, help="pipeline stages: f3/drtp/llo update as data streams, backprop as GPipe"),
 }
 """The strategy catalogue: name -> :class:`jaxalgo.options.Entry`."""
 
@@ -83,10 +103,14 @@ __all__ = [
     "AB_AXES",
     "COMM_DTYPES",
     "DATA_AXES",
+    "DEFAULT_INIT_TIMEOUT",
+    "DEFAULT_PEER_TIMEOUT",
     "KINDS",
     "LOCAL_AXIS",
     "NODE_AXIS",
+    "PEER_LOST_EXIT_STATUS",
     "PHASES",
+    "PROGRAMS",
     "REDUCTIONS",
     "STATE_MERGES",
     "STRATEGIES",
@@ -96,6 +120,7 @@ __all__ = [
     "ABOptions",
     "ABRunner",
     "ABTrainState",
+    "ClusterError",
     "Collective",
     "CommReport",
     "DDPOptions",
@@ -108,7 +133,10 @@ __all__ = [
     "DasoTrainState",
     "DataParallelRunner",
     "MeshRunner",
+    "PipelineOptions",
+    "ProcessPlan",
     "SingleDevice",
+    "Watchdog",
     "ab_comm",
     "ab_mesh",
     "ab_schedule",
@@ -119,28 +147,40 @@ __all__ = [
     "comm_report",
     "daso",
     "daso_phase",
+    "daso_window",
     "data_mesh",
     "data_parallel",
     "detect_cluster",
     "directional_value_and_grad",
+    "expand_nodelist",
+    "feedback_pipeline",
     "find_ab_layers",
+    "gpipe",
     "group_mesh",
     "initial_schedule",
     "initialize_distributed",
+    "local_batch_rows",
     "lr_factor",
     "make_mesh",
     "mean_over",
     "mean_packed",
     "merge_replicated_state",
     "merge_stale",
+    "parse_coordinator",
     "parse_mesh_shape",
     "place",
     "place_ab_state",
     "place_daso_state",
+    "rendezvous",
     "replicate",
+    "resolve_processes",
     "shard",
+    "shard_local",
     "sharded_mean_over",
+    "slurm_port",
+    "stage_mesh",
     "update_schedule",
     "vary",
     "varying_axes",
+    "window_comm_report",
 ]

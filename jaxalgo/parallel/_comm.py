@@ -226,7 +226,7 @@ def comm_report(
 
     Args:
       fn: a jitted function (anything with ``.lower``), a plain function (jitted here), or a ``Lowered``.
-      *args: example arguments (arrays or ``jax.ShapeDtypeStruct``s) for lowering.
+      *args: example arguments (arrays or ``jax.ShapeDtypeStruct`` values) for lowering.
       mesh: the mesh the program runs on (default: the mesh of the first ``NamedSharding`` among the arguments).
       cross_axes: the mesh axes whose traffic is cross-node (default: the outermost axis).
       **kwargs: keyword arguments for lowering.

@@ -91,8 +91,9 @@ def data_parallel(
         ``"directional"`` (requires a split) or ``"gradients"`` (the ordinary all-reduce, for any estimator).
 
     Returns:
-      An :class:`Estimator` with the same interface (its ``split`` is ``None``: it is already parallel). Params and
-      state come back replicated; ``loss`` is the average over the shards (the full-batch loss for a mean loss).
+      An :class:`~jaxalgo.grads.Estimator` with the same interface (its ``split`` is ``None``: it is already
+      parallel). Params and state come back replicated; ``loss`` is the average over the shards (the full-batch
+      loss for a mean loss).
 
     Raises:
       ValueError: for a bad ``axes``, ``state_merge`` or ``reduce``; at trace time, if a batch's leading dimension

@@ -23,6 +23,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxalgo.parallel import _cluster
+
 NODE_AXIS = "node"
 LOCAL_AXIS = "local"
 DATA_AXES: tuple[str, str] = (NODE_AXIS, LOCAL_AXIS)
@@ -134,18 +136,9 @@ def check_divisible(batch_size: int, mesh: Mesh, axes: Sequence[str] | None = No
         )
 
 
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value not in (None, "") else None
-
-
 def detect_cluster() -> str | None:
     """``"slurm"`` or ``"openmpi"`` when this process was started by one with several tasks, else ``None``."""
-    if (_env_int("SLURM_NTASKS") or _env_int("SLURM_NPROCS") or 1) > 1 and "SLURM_PROCID" in os.environ:
-        return "slurm"
-    if (_env_int("OMPI_COMM_WORLD_SIZE") or 1) > 1:
-        return "openmpi"
-    return None
+    return _cluster.detect_cluster(os.environ)
 
 
 def initialize_distributed(
@@ -154,56 +147,151 @@ def initialize_distributed(
     process_id: int | None = None,
     *,
     local_device_count: int | None = None,
-    timeout_seconds: int = 300,
+    timeout_seconds: float = _cluster.DEFAULT_INIT_TIMEOUT,
+    peer_timeout_seconds: float = _cluster.DEFAULT_PEER_TIMEOUT,
+    supervise: bool = False,
 ) -> dict[str, Any]:
-    """Starts ``jax.distributed`` from explicit arguments, or from SLURM / Open MPI environment variables.
+    """Starts ``jax.distributed`` from explicit arguments or a SLURM / Open MPI environment, with a watchdog.
 
     Must run before any other JAX call that touches devices. With explicit arguments all three of
     ``coordinator_address`` (``"host:port"`` of process 0), ``num_processes`` and ``process_id`` are needed.
-    Without them, a SLURM job step (``srun``) or Open MPI <= 4 launch (``mpirun``) is detected and jax reads the
-    rest from the environment (Open MPI 5 needs ``cluster_detection_method="mpi4py"`` in
-    ``jax.distributed.initialize``). With neither, nothing happens (a single-process run).
+    Without them, a SLURM job step (``srun``) or an Open MPI <= 4 launch (``mpirun``) gives them
+    (:func:`jaxalgo.parallel.resolve_processes`). With neither, nothing starts (a single-process run).
+
+    The processes first meet at the coordinator's port (:func:`jaxalgo.parallel.rendezvous`): a process whose
+    peers do not all arrive within ``timeout_seconds`` raises :class:`jaxalgo.parallel.ClusterError` naming the
+    processes that never connected. Once ``jax.distributed`` runs, a :class:`jaxalgo.parallel.Watchdog` ends this
+    process with one line and exit status ``PEER_LOST_EXIT_STATUS`` (69) when another process has sent no heartbeat
+    for ``peer_timeout_seconds``; jax's own heartbeat timeout is set to ``2 * peer_timeout_seconds + 10``, so the
+    watchdog speaks first.
 
     Args:
       coordinator_address: ``"host:port"`` of process 0.
       num_processes: total number of processes (>= 1).
       process_id: this process, ``0 <= process_id < num_processes``.
       local_device_count: on CPU, how many devices each process simulates (sets ``jax_num_cpu_devices``).
-      timeout_seconds: how long to wait for the other processes.
+      timeout_seconds: how long the processes have to find each other.
+      peer_timeout_seconds: how long a process may stay silent before the others stop.
+      supervise: fork, and return only in the child, which runs ``jax.distributed``; the parent supervises it and
+        ends with its exit status, or with one line and exit status 69 when another process is lost, even when jax
+        or gloo abort the child from C++ (``jaxalgo.parallel._cluster.run_supervised``; what the ``jaxalgo`` command
+        does). Only for a program's main process: the parent never returns.
 
     Returns:
-      ``{"method", "process_id", "num_processes"}`` describing the run.
+      ``{"method", "process_id", "num_processes", "coordinator"}`` describing the run.
 
     Raises:
-      ValueError: incomplete or inconsistent arguments, naming them.
+      ValueError: incomplete, inconsistent or malformed arguments or environment, naming them.
+      ClusterError: not every process connected within ``timeout_seconds``.
     """
-    explicit = {"coordinator_address": coordinator_address, "num_processes": num_processes, "process_id": process_id}
-    given = {k for k, v in explicit.items() if v is not None}
-    if given and given != set(explicit):
-        missing = sorted(set(explicit) - given)
-        raise ValueError(f"{', '.join(missing)}: needed together with {', '.join(sorted(given))} (give all three)")
-    if given:
-        if ":" not in coordinator_address:
-            raise ValueError(f"coordinator_address: expected 'host:port', got {coordinator_address!r}")
-        if num_processes < 1:
-            raise ValueError(f"num_processes: must be >= 1, got {num_processes}")
-        if not 0 <= process_id < num_processes:
-            raise ValueError(f"process_id: must be in [0, {num_processes}), got {process_id}")
+    for name, value in (("timeout_seconds", timeout_seconds), ("peer_timeout_seconds", peer_timeout_seconds)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ValueError(f"{name}: must be a number of seconds > 0, got {value!r}")
+    plan = _cluster.resolve_processes(
+        coordinator_address, num_processes, process_id, coordinator_name="coordinator_address"
+    )
     if local_device_count is not None:
-        if local_device_count < 1:
+        if isinstance(local_device_count, bool) or local_device_count < 1:
             raise ValueError(f"local_device_count: must be >= 1, got {local_device_count}")
         jax.config.update("jax_num_cpu_devices", int(local_device_count))
-    if given:
-        if num_processes > 1:
-            jax.distributed.initialize(
-                coordinator_address=coordinator_address,
-                num_processes=num_processes,
-                process_id=process_id,
-                initialization_timeout=timeout_seconds,
+    info = {"method": plan.method, "process_id": plan.process_id, "num_processes": plan.num_processes}
+    if not plan.multi_process:
+        return {**info, "coordinator": None}
+    if supervise:
+        _cluster.run_supervised(plan, init_timeout=timeout_seconds, peer_timeout=peer_timeout_seconds)
+    else:
+        _cluster.start_distributed(plan, init_timeout=timeout_seconds, peer_timeout=peer_timeout_seconds)
+    return {**info, "coordinator": plan.coordinator}
+
+
+def local_batch_rows(mesh: Mesh, global_batch_size: int, *, devices: Sequence[jax.Device] | None = None) -> slice:
+    """The rows of a global batch that ``devices`` hold when :func:`shard` splits it over all axes of ``mesh``.
+
+    The rows are read from the mesh (``NamedSharding(mesh, P(all axes)).devices_indices_map``), not assumed. With the
+    devices ordered by ``(process_index, id)``, as :func:`make_mesh` orders them, the ``D`` devices of each of the
+    ``P`` processes are consecutive in the mesh, so process ``i`` holds the block of rows
+    ``[i * B / P, (i + 1) * B / P)``; a mesh whose order splits a process's rows into pieces is refused.
+
+    Args:
+      mesh: the mesh the batch's leading dimension is split over (all axes, outermost first).
+      global_batch_size: rows ``B`` of the global batch, divisible by the number of devices of ``mesh``.
+      devices: whose rows; default: this process's devices in ``mesh``.
+
+    Returns:
+      ``slice(start, stop)``: the contiguous rows those devices hold; ``slice(0, B)`` in a single process.
+
+    Raises:
+      ValueError: ``global_batch_size`` does not split over the mesh, ``devices`` are not devices of the mesh, or
+        the rows they hold are not one contiguous block (naming the devices and their rows).
+
+    Example:
+      >>> mesh = make_mesh((2, 4))
+      >>> local_batch_rows(mesh, 64, devices=mesh.devices[1])
+      slice(32, 64, None)
+    """
+    check_divisible(global_batch_size, mesh, name="global_batch_size")
+    in_mesh = list(mesh.devices.flat)
+    if devices is None:
+        devices = [d for d in in_mesh if d.process_index == jax.process_index()]
+        if not devices:
+            raise ValueError(f"mesh: holds none of the devices of process {jax.process_index()}")
+    else:
+        devices = list(np.asarray(devices, dtype=object).flat)
+        outside = [d for d in devices if d not in set(in_mesh)]
+        if not devices or outside:
+            raise ValueError(f"devices: expected a non-empty subset of the mesh's devices, got {outside or devices}")
+    index_map = NamedSharding(mesh, P(tuple(mesh.axis_names))).devices_indices_map((global_batch_size,))
+    spans = sorted({index_map[d][0].indices(global_batch_size)[:2] for d in devices})
+    start, stop = spans[0]
+    for low, high in spans[1:]:
+        if low != stop:
+            ids = sorted(d.id for d in devices)
+            raise ValueError(
+                f"mesh: devices {ids} hold rows {[f'{a}:{b}' for a, b in spans]} of the global batch of "
+                f"{global_batch_size}, not one contiguous block; order the mesh's devices by (process_index, id), "
+                "as make_mesh does"
             )
-        return {"method": "explicit", "process_id": process_id, "num_processes": num_processes}
-    method = detect_cluster()
-    if method is None:
-        return {"method": "single", "process_id": 0, "num_processes": 1}
-    jax.distributed.initialize(initialization_timeout=timeout_seconds)
-    return {"method": method, "process_id": jax.process_index(), "num_processes": jax.process_count()}
+        stop = high
+    return slice(start, stop)
+
+
+def shard_local(batch: Any, mesh: Mesh, global_batch_size: int) -> Any:
+    """Builds the global batch, split like :func:`shard`, from the rows of it this process holds.
+
+    Each process passes only its own rows, ``local_batch_rows(mesh, global_batch_size)`` of the global batch (e.g.
+    from ``jaxalgo.data.iterate_batches(..., rows=...)``), and gets global arrays of ``global_batch_size`` rows
+    with ``NamedSharding(mesh, P(all axes))``, made with ``jax.make_array_from_process_local_data``: no process
+    holds, reads or copies the other processes' rows. A leaf holding the whole global batch is accepted too (this
+    process's rows are cut from it first), so in a single process the result equals ``shard(batch, mesh)``.
+
+    Args:
+      batch: a pytree of host arrays (numpy, or fully addressable jax arrays) whose leading dimension is this
+        process's rows or the whole global batch.
+      mesh: the mesh whose axes (all of them, outermost first) split the leading dimension.
+      global_batch_size: rows of the global batch, divisible by the number of devices of ``mesh``.
+
+    Returns:
+      The pytree of global ``jax.Array`` s of leading dimension ``global_batch_size``.
+
+    Raises:
+      ValueError: a leaf's leading dimension is neither this process's row count nor ``global_batch_size``
+        (naming the leaf, its shape and both counts), or the errors of :func:`local_batch_rows`.
+    """
+    rows = local_batch_rows(mesh, global_batch_size)
+    count = rows.stop - rows.start
+    sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
+
+    def put(path, leaf):
+        host = np.asarray(leaf)
+        if host.ndim == 0 or host.shape[0] not in (count, global_batch_size):
+            local = f"{count} (this process's rows {rows.start}:{rows.stop} of the global batch) or "
+            raise ValueError(
+                f"batch{jax.tree_util.keystr(path)}: expected a leading dimension of "
+                f"{local if count < global_batch_size else ''}{global_batch_size} (the whole global batch), "
+                f"got shape {host.shape}"
+            )
+        if host.shape[0] != count:
+            host = host[rows]
+        return jax.make_array_from_process_local_data(sharding, host, (global_batch_size, *host.shape[1:]))
+
+    return jax.tree_util.tree_map_with_path(put, batch)

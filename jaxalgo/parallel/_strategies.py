@@ -2,8 +2,9 @@
 
 Each strategy is an options dataclass (an entry of :data:`jaxalgo.parallel.STRATEGIES`) whose ``check`` refuses
 what cannot run on the devices at hand and whose ``make_runner`` gives the runner; the training loop only talks to
-the runner protocol. In a multi-process run every process iterates the same global batches and keeps the pieces
-for its own devices; only process 0 writes metrics. Every runner meters the bytes each device sends per step
+the runner protocol. In a multi-process run each process builds only its own rows of every global batch
+(``batch_rows``, the rows its devices hold) and the runner assembles the global batch from them; only process 0
+writes metrics. Every runner meters the bytes each device sends per step
 (:mod:`jaxalgo.parallel._traffic`), read once per program from its compiled HLO.
 """
 
@@ -23,9 +24,18 @@ from jax.sharding import PartitionSpec as P
 from jaxalgo.grads import EstimatorOptions
 from jaxalgo.options import check_fields, option
 from jaxalgo.parallel._comm import comm_report
-from jaxalgo.parallel._daso import DasoConfig, DasoTrainState, daso, update_schedule
+from jaxalgo.parallel._daso import DasoConfig, DasoTrainState, daso, update_schedule, window_comm_report
 from jaxalgo.parallel._data_parallel import data_parallel
-from jaxalgo.parallel._mesh import check_divisible, make_mesh, parse_mesh_shape, place, replicate, shard
+from jaxalgo.parallel._mesh import (
+    check_divisible,
+    local_batch_rows,
+    make_mesh,
+    parse_mesh_shape,
+    place,
+    replicate,
+    shard,
+    shard_local,
+)
 from jaxalgo.parallel._traffic import TrafficMeter
 from jaxalgo.parallel.ab import (
     AB_AXES,
@@ -78,6 +88,9 @@ class MeshRunner(RunnerBase):
       mesh: the device mesh the steps run on.
       run_key: the per-step key stream, replicated on the mesh.
       is_primary: whether this process writes metrics (process 0).
+      batch_rows: with several processes, the contiguous rows of each global batch this process's devices hold
+        when the batch is split over all mesh axes (:func:`jaxalgo.parallel.local_batch_rows`); ``None`` (all
+        rows) in a single process.
     """
 
     def __init__(self, experiment: Experiment, mesh: Any):
@@ -85,13 +98,30 @@ class MeshRunner(RunnerBase):
         self.mesh = mesh
         self.run_key = replicate(experiment.run_key, mesh)
         self.is_primary = jax.process_index() == 0
+        self.batch_rows = local_batch_rows(mesh, experiment.batch_size) if jax.process_count() > 1 else None
         self._traffic = TrafficMeter()
+
+    def _place_batch(self, batch: Any) -> Any:
+        """The host batch on the mesh, its leading dimension split over all axes: the whole global batch with
+        :func:`jaxalgo.parallel.shard` in a single process; with several, this process's :attr:`batch_rows` of it
+        (or the whole global batch, cut to them) with :func:`jaxalgo.parallel.shard_local`."""
+        if self.batch_rows is None:
+            return shard(batch, self.mesh)
+        return shard_local(batch, self.mesh, self.experiment.batch_size)
 
     def _count_traffic_of(self, key: Any, program: Any, *args: Any) -> None:
         """Counts one run of the jitted ``program(*args)`` (its collectives measured on the first call with
         ``key``)."""
         measure = lambda: comm_report(program, *args, mesh=self.mesh)
         self._traffic.add_report(self._traffic.measured(key, measure))
+
+    def record(self, state: Any) -> dict[str, Any]:
+        """The bytes counted so far (the epoch's and the run's), so a resumed run reports the same figures."""
+        del state
+        return {"traffic": self._traffic.totals()}
+
+    def load_record(self, record: dict[str, Any]) -> None:
+        self._traffic.load(record.get("traffic"))
 
     def epoch_metrics(self) -> dict[str, Any]:
         """The bytes each device sent per step this epoch."""
@@ -119,7 +149,7 @@ class DataParallelRunner(MeshRunner):
 
     def step(self, state: Any, batch: Any, index: int) -> tuple[Any, jax.Array]:
         del index
-        batch = shard(batch, self.mesh)
+        batch = self._place_batch(batch)
         self._count_traffic_of("step", self.train_step, state, batch, self.run_key)
         self._traffic.end_step()
         return self.train_step(state, batch, self.run_key)
@@ -129,10 +159,12 @@ class DataParallelRunner(MeshRunner):
 
 
 class DasoRunner(MeshRunner):
-    """DASO: per-phase steps chosen on the host from the step index and the schedule kept in the state.
+    """DASO: per-phase steps chosen on the host from the step index and the schedule kept in the state, and with
+    ``config.program = "window"`` one window program from each send to its merge (:meth:`window`,
+    :meth:`run_window`), so that the global average travels while the steps between them compute.
 
     Attributes:
-      daso: the :class:`jaxalgo.parallel.Daso` programs (steps per phase, consensus).
+      daso: the :class:`jaxalgo.parallel.Daso` programs (steps per phase, windows, consensus).
     """
 
     def __init__(self, experiment: Experiment, options: DasoOptions):
@@ -145,6 +177,7 @@ class DasoRunner(MeshRunner):
         self._epoch_schedule = None
         self._phases: collections.Counter[str] = collections.Counter()
         self._mean = jax.jit(jnp.mean)
+        self._step_means = jax.jit(lambda losses: tuple(jnp.mean(losses[:, k]) for k in range(losses.shape[1])))
 
     def init(self, fresh: Any) -> DasoTrainState:
         return self.daso.init(fresh.params)
@@ -161,11 +194,54 @@ class DasoRunner(MeshRunner):
         if not self._phases:
             self._epoch_schedule = self._schedule
         self._phases[phase] += 1
-        batch, step = shard(batch, self.mesh), self.daso.steps[phase]
+        batch, step = self._place_batch(batch), self.daso.steps[phase]
         self._count_traffic_of(phase, step, state, batch, self.run_key)
         self._traffic.end_step()
         state, loss_per_node = step(state, batch, self.run_key)
         return state, self._mean(loss_per_node)
+
+    def _window_length(self, index: int) -> int:
+        """``S + 1`` if step ``index`` is a send whose merge lies in the same epoch, else 1 (the schedule's view)."""
+        return self.daso.window_length(
+            index, steps_per_epoch=self._steps_per_epoch, total_epochs=self._epochs, schedule=self._schedule
+        )
+
+    def after_step(self, index: int, state: DasoTrainState) -> DasoTrainState:
+        """Reads the schedule from the state once (the loop calls this before the first step, also after a resume),
+        so that :meth:`window` knows it."""
+        del index
+        self._schedule_of(state)
+        return state
+
+    def window(self, index: int, remaining: int) -> int:
+        """``S + 1`` (the steps from the send at ``index`` to its merge, run by :meth:`run_window`) with
+        ``program = "window"`` when the window fits in the ``remaining`` steps of the epoch; else 1
+        (:meth:`~jaxalgo.runner.Runner.step`)."""
+        if self.config.program != "window" or self._schedule is None:
+            return 1  # the schedule is not known before the state has been seen: that step runs alone
+        length = self._window_length(index)
+        return length if 1 < length <= remaining else 1
+
+    def run_window(
+        self, state: DasoTrainState, batches: list[Any], index: int
+    ) -> tuple[DasoTrainState, list[jax.Array]]:
+        """The ``len(batches)`` steps from step ``index``: the window program when they are exactly a send and the
+        steps up to its merge (:meth:`window`'s answer), else one :meth:`~jaxalgo.runner.Runner.step` after the
+        other (the same maths)."""
+        length = self._window_length(index) if self._schedule is not None else 1
+        if len(batches) < 2 or len(batches) != length:
+            return super().run_window(state, batches, index)
+        if not self._phases:
+            self._epoch_schedule = self._schedule
+        self._phases.update(["send", *["local"] * (length - 2), "merge"])
+        batches = [self._place_batch(batch) for batch in batches]
+        program = self.daso.window(length - 1)
+        measure = lambda: window_comm_report(program, state, batches, self.run_key, mesh=self.mesh)
+        self._traffic.add_report(self._traffic.measured(("window", length - 1), measure))
+        for _ in range(length):
+            self._traffic.end_step()
+        state, loss_per_node = program(state, batches, self.run_key)
+        return state, list(self._step_means(loss_per_node))
 
     def end_epoch(self, state: DasoTrainState, epoch: int, train_loss: float) -> DasoTrainState:
         """Updates the schedule from the epoch's mean loss, summed in the state (exact across a resume)."""
@@ -226,8 +302,13 @@ class ABRunner(MeshRunner):
         return self.ab.init(fresh.params)
 
     def record(self, state: ABTrainState) -> dict[str, Any]:
-        """What a checkpoint needs beyond the arrays: the stored size of each layer's factors."""
-        return {"ab_sizes": self.ab.sizes(state)}
+        """What a checkpoint needs beyond the arrays: the stored size of each layer's factors, the epoch's step
+        counts and the bytes counted so far."""
+        return {**super().record(state), "ab_sizes": self.ab.sizes(state), "ab_counts": dict(self._counts)}
+
+    def load_record(self, record: dict[str, Any]) -> None:
+        super().load_record(record)
+        self._counts = collections.Counter(record.get("ab_counts", {}))
 
     def restore_target(self, record: dict[str, Any], fresh: ABTrainState) -> ABTrainState:
         """A state with the factor shapes the checkpoint was written with."""
@@ -247,7 +328,7 @@ class ABRunner(MeshRunner):
 
     def step(self, state: ABTrainState, batch: Any, index: int) -> tuple[ABTrainState, jax.Array]:
         events, phase = ab_schedule(index, self.config)
-        batch = shard(batch, self.mesh)
+        batch = self._place_batch(batch)
         for event in events:
             self._count_ab_traffic(event, state, batch)  # at the shapes the transition runs with
             state = self.ab.sync(state) if event == "sync" else self.ab.factorize(state)
@@ -280,7 +361,7 @@ class ABRunner(MeshRunner):
 def _check_estimator(estimator: EstimatorOptions) -> None:
     if not type(estimator).data_parallel:
         raise ValueError(
-            f"parallel: {type(estimator).__name__} runs on one device only (data_parallel is False: its estimator "
+            f"parallel: runs on one device only ({type(estimator).__name__}.data_parallel is False: its estimator "
             "state is per run); use --parallel none"
         )
 

@@ -1,12 +1,14 @@
-"""DASO's options (:class:`DasoConfig`), the wire dtypes of the global average (:data:`COMM_DTYPES`) and the phases a
-step is compiled for (:data:`PHASES`)."""
+"""DASO's options (:class:`DasoConfig`), the wire dtypes of the global average (:data:`COMM_DTYPES`), the phases a
+step is compiled for (:data:`PHASES`) and the ways of compiling a send and its merge (:data:`PROGRAMS`)."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 PHASES: tuple[str, ...] = ("local", "send", "merge", "blocking")
 COMM_DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
+PROGRAMS: tuple[str, ...] = ("window", "step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,11 +22,14 @@ class DasoConfig:
       cooldown_epochs: trailing epochs with a blocking global average every step (>= 0).
       merge_weight: ``w`` of the merge ``(w S theta_local + sum theta_stale) / (w S + P)`` (> 0).
       max_global_skip: ``global_skip`` after a plateau at ``global_skip = 1`` (>= 1).
-      comm_dtype: wire dtype of the global average: ``"bfloat16"``, ``"float16"`` or ``"float32"``.
+      comm_dtype: wire dtype of the global average (it sends each node's change since the last global average,
+        added to a float32 copy of that average): ``"bfloat16"``, ``"float16"`` or ``"float32"``.
       sharded: Horovod-style sharded global average (cross-node bytes / ``N_local``).
       adaptive: adapt ``global_skip`` and ``S`` on plateaus of the epoch loss.
       plateau_threshold: relative improvement that counts as progress (>= 0).
       plateau_patience: epochs without progress that make a plateau (>= 1).
+      program: how a send and its merge run: window (one compiled program from the send to the merge, the global
+        average overlapping the S steps between them) or step (one program per step; same trajectory).
     """
 
     global_skip: int = 4
@@ -38,6 +43,7 @@ class DasoConfig:
     adaptive: bool = True
     plateau_threshold: float = 0.05
     plateau_patience: int = 3
+    program: Literal["window", "step"] = "window"
 
     def __post_init__(self):
         check_integer(self, "global_skip", 1)
@@ -57,6 +63,8 @@ class DasoConfig:
             raise ValueError(f"comm_dtype: unknown dtype {self.comm_dtype!r}; allowed: {', '.join(COMM_DTYPES)}")
         if not (isinstance(self.plateau_threshold, int | float) and self.plateau_threshold >= 0):
             raise ValueError(f"plateau_threshold: must be a number >= 0, got {self.plateau_threshold!r}")
+        if self.program not in PROGRAMS:
+            raise ValueError(f"program: unknown program {self.program!r}; allowed: {', '.join(PROGRAMS)}")
 
 
 def check_integer(config: DasoConfig, name: str, low: int) -> None:

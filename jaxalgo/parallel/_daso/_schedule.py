@@ -1,8 +1,10 @@
 """DASO's schedule, decided on the host: the adaptive part (:class:`DasoSchedule`, :func:`initial_schedule`,
-:func:`update_schedule` at the end of each epoch) and the phase of each step (:func:`daso_phase`)."""
+:func:`update_schedule` at the end of each epoch), the phase of each step (:func:`daso_phase`) and the windows from
+a send to its merge (:func:`daso_window`)."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -53,6 +55,29 @@ def daso_phase(
     if sent >= 0 and (sent + 1) % global_skip == 0:
         return "merge"
     return "local"
+
+
+def daso_window(
+    step: int, *, steps_per_epoch: int, total_epochs: int, global_skip: int, batches_to_wait: int, config: DasoConfig
+) -> int:
+    """``S + 1`` if global step ``step`` is a send whose merge follows ``S = batches_to_wait`` steps later in the same
+    epoch (the steps between them are local), else 1: the length of the window program from a send to its merge.
+
+    A send that the epoch's last (blocking) batch supersedes has no merge, so it gets no window.
+    """
+    phase = functools.partial(
+        daso_phase,
+        steps_per_epoch=steps_per_epoch,
+        total_epochs=total_epochs,
+        global_skip=global_skip,
+        batches_to_wait=batches_to_wait,
+        config=config,
+    )
+    s = int(batches_to_wait)
+    offset = int(step) % int(steps_per_epoch)
+    if s < 1 or offset + s >= steps_per_epoch or phase(step) != "send" or phase(int(step) + s) != "merge":
+        return 1
+    return s + 1
 
 
 def update_schedule(

@@ -27,9 +27,10 @@ REPLICATED = P()
 
 
 class DasoState(NamedTuple):
-    """DASO's state: the in-flight global average (parameter-shaped, replicated), the schedule, and each node's
-    sum of step losses in the current epoch (shape ``(P,)``; the plateau detector's input, so that a resumed run
-    adapts exactly as an uninterrupted one)."""
+    """DASO's state: the last global average (``inflight``: parameter-shaped, replicated, at least float32; between
+    a send and its merge it is the average in flight, and the next global average sends the changes from it), the
+    schedule, and each node's sum of step losses in the current epoch (shape ``(P,)``; the plateau detector's
+    input, so that a resumed run adapts exactly as an uninterrupted one)."""
 
     inflight: Any
     schedule: DasoSchedule
@@ -94,9 +95,16 @@ def place_daso_state(state: DasoTrainState, mesh: Mesh, node_axis: str = NODE_AX
     )
 
 
+def average_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype DASO keeps the global average of a parameter of ``dtype`` in: at least float32 for floating
+    parameters (a bf16 parameter's average is float32), the parameter's own dtype otherwise."""
+    dtype = jnp.dtype(dtype)
+    return jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.floating) else dtype
+
+
 def init_state(layout: Layout, estimator: Estimator, optimizer: Any, params: Any) -> DasoTrainState:
-    """The initial state placed on the mesh: every node holds ``params`` and a fresh optimizer state, the in-flight
-    average is ``params`` and the schedule is the configured one."""
+    """The initial state placed on the mesh: every node holds ``params`` and a fresh optimizer state, the last
+    global average is ``params`` (in :func:`average_dtype`) and the schedule is the configured one."""
     num_nodes = layout.num_nodes
     state = DasoTrainState(
         step=jnp.zeros((), jnp.int32),
@@ -104,7 +112,7 @@ def init_state(layout: Layout, estimator: Estimator, optimizer: Any, params: Any
         estimator_state=estimator.init(params),
         opt_state=stack_copies(optimizer.init(params), num_nodes),
         daso=DasoState(
-            inflight=jax.tree.map(jnp.asarray, params),
+            inflight=jax.tree.map(lambda x: jnp.asarray(x, average_dtype(jnp.result_type(x))), params),
             schedule=initial_schedule(layout.config),
             loss_sum=jnp.zeros((num_nodes,), jnp.float32),
         ),

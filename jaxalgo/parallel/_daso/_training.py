@@ -1,4 +1,5 @@
-""":func:`daso`: DASO's programs for one estimator, optimizer and mesh, gathered in a :class:`Daso`."""
+""":func:`daso`: DASO's programs (the step of each phase, the window from a send to its merge) for one estimator,
+optimizer and mesh, gathered in a :class:`Daso`."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from jax.sharding import Mesh
 from jaxalgo.grads import Estimator
 from jaxalgo.parallel._collectives import STATE_MERGES
 from jaxalgo.parallel._daso._config import PHASES, DasoConfig
-from jaxalgo.parallel._daso._schedule import DasoSchedule, daso_phase
+from jaxalgo.parallel._daso._schedule import DasoSchedule, daso_phase, daso_window
 from jaxalgo.parallel._daso._state import REPLICATED, DasoTrainState, Layout, init_state
-from jaxalgo.parallel._daso._steps import make_step
+from jaxalgo.parallel._daso._steps import make_step, make_window
 from jaxalgo.parallel._data_parallel import reshard
 from jaxalgo.parallel._forward_dp import check_reduce
 from jaxalgo.parallel._mesh import LOCAL_AXIS, NODE_AXIS
@@ -31,14 +32,21 @@ class Daso:
       init: ``init(params) -> DasoTrainState`` placed on the mesh.
       steps: one jitted ``step(state, batch, run_key) -> (state, loss_per_node)`` per phase in :data:`PHASES`
         (state donated; ``loss_per_node`` has shape ``(P,)``, each node's average shard loss).
+      window: ``window(S) -> program``, the jitted ``program(state, batches, run_key) -> (state, loss_per_node)``
+        running ``S + 1`` steps from a send to its merge in one compiled program, the global average overlapping
+        the ``S`` steps (``len(batches) = S + 1``; ``loss_per_node`` has shape ``(P, S + 1)``); built once per
+        ``S``. It equals the step programs ``send, local x (S - 1), merge``.
       consensus: ``consensus(params) -> params``, the average over nodes (replicated), for evaluation.
       phase: ``phase(step, *, steps_per_epoch, total_epochs, schedule) -> str``.
+      window_length: ``window_length(step, *, steps_per_epoch, total_epochs, schedule) -> int``, ``S + 1`` if
+        ``step`` is a send whose merge is in the same epoch, else 1 (:func:`daso_window`).
     """
 
     config: DasoConfig
     mesh: Mesh
     init: Callable[[Any], DasoTrainState]
     steps: dict[str, Callable[..., tuple[DasoTrainState, jax.Array]]]
+    window: Callable[[int], Callable[..., tuple[DasoTrainState, jax.Array]]]
     consensus: Callable[[Any], Any]
     node_axis: str
     local_axis: str
@@ -49,6 +57,16 @@ class Daso:
 
     def phase(self, step: int, *, steps_per_epoch: int, total_epochs: int, schedule: DasoSchedule) -> str:
         return daso_phase(
+            step,
+            steps_per_epoch=steps_per_epoch,
+            total_epochs=total_epochs,
+            global_skip=int(schedule.global_skip),
+            batches_to_wait=int(schedule.batches_to_wait),
+            config=self.config,
+        )
+
+    def window_length(self, step: int, *, steps_per_epoch: int, total_epochs: int, schedule: DasoSchedule) -> int:
+        return daso_window(
             step,
             steps_per_epoch=steps_per_epoch,
             total_epochs=total_epochs,
@@ -74,7 +92,8 @@ def daso(
     state_merge: str = "delta_sum",
     reduce: str = "auto",
 ) -> Daso:
-    """Builds DASO's per-phase training steps (see :mod:`jaxalgo.parallel._daso` for the algorithm).
+    """Builds DASO's per-phase training steps and window programs (see :mod:`jaxalgo.parallel._daso` for the
+    algorithm).
 
     Args:
       estimator: any estimator (backprop, forward gradients, F3, ...); it sees one device's shard of the batch and
@@ -89,7 +108,8 @@ def daso(
         :func:`jaxalgo.parallel.data_parallel`). The global averages are of parameters either way.
 
     Returns:
-      A :class:`Daso` with ``init``, the per-phase ``steps``, ``consensus`` and ``phase``.
+      A :class:`Daso` with ``init``, the per-phase ``steps``, the ``window`` programs, ``consensus``, ``phase`` and
+      ``window_length``. ``config.program`` is the runner's choice between the two (both are always available).
     """
     config = DasoConfig() if config is None else config
     if not isinstance(mesh, Mesh):
@@ -106,6 +126,7 @@ def daso(
         mesh=mesh,
         init=functools.partial(init_state, layout, estimator, optimizer),
         steps={phase: make_step(layout, estimator, optimizer, phase) for phase in PHASES},
+        window=functools.cache(functools.partial(make_window, layout, estimator, optimizer)),
         consensus=jax.jit(functools.partial(consensus, mesh)),
         node_axis=node_axis,
         local_axis=local_axis,

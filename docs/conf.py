@@ -1,0 +1,106 @@
+"""Sphinx configuration of jaxalgo's documentation (build: see docs/README.md)."""
+
+import inspect
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.abspath(".."))
+
+from sphinx.ext.napoleon.docstring import GoogleDocstring
+
+import jaxalgo
+
+project = "jaxalgo"
+author = "the jaxalgo developers"
+copyright = "2026, the jaxalgo developers"
+release = jaxalgo.__version__
+version = release
+
+extensions = [
+    "myst_nb",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.mathjax",
+    "sphinx.ext.viewcode",
+]
+
+exclude_patterns = ["_build", "README.md", "**/.ipynb_checkpoints", "notebooks/README*"]
+source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
+
+# MyST: $...$ maths, ::: fences, definition lists, heading anchors for cross-references.
+myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
+myst_heading_anchors = 3
+
+# Notebooks (notebooks/*.ipynb through the docs/notebooks link) and the pages written as MyST notebooks are
+# executed by this build, once; "cache" reuses an execution while the code cells are unchanged (a fresh
+# checkout, as in CI, executes everything). A failing cell fails the build.
+nb_execution_mode = "cache"
+nb_execution_cache_path = os.path.join(os.path.dirname(__file__), "_build", ".jupyter_cache")
+nb_execution_raise_on_error = True
+nb_execution_show_tb = True
+nb_execution_timeout = 900
+nb_merge_streams = True
+
+# API reference: Google-style docstrings; members in source order; type hints in the description.
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+napoleon_use_rtype = False
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+autodoc_typehints_format = "short"
+autodoc_preserve_defaults = True
+autodoc_inherit_docstrings = False
+
+html_theme = "sphinx_book_theme"
+html_title = f"jaxalgo {release}"
+html_theme_options = {
+    "show_toc_level": 2,
+    "navigation_with_keys": False,
+}
+
+# Cross-references: a broken reference to a jaxalgo object is an error (with -W); objects of other libraries are
+# not linked (no inventories are fetched: the build needs no network), so their names are exempt.
+nitpicky = True
+nitpick_ignore_regex = [
+    ("py:.*", r"(jax|jaxlib|flax|optax|orbax|chex|numpy|np|jnp|nnx|typing|collections|os|argparse|pathlib)(\..*)?"),
+    ("py:.*", r"(Any|Callable|Sequence|Mapping|Iterable|Iterator|Hashable|None|NoneType|P|Path)"),
+    ("py:.*", r"(int|float|str|bool|tuple|list|dict|set|frozenset|type|object|bytes|Ellipsis)"),
+    # private modules and the names inside them are not documented: a reference to them stays plain text
+    ("py:.*", r"jaxalgo(\.\w+)*\._\w+(\..*)?"),
+]
+
+
+def _drop_inherited_type_docs(app, what, name, obj, options, lines):
+    """A module constant without a docstring of its own would show its type's docstring (dict, tuple, ...)."""
+    if what in ("data", "attribute") and lines:
+        own = type(obj).__doc__
+        if own and "\n".join(lines).strip() == inspect.cleandoc(own).strip():
+            lines[:] = []
+
+
+def _skip_namedtuple_fields(app, what, name, obj, skip, options):
+    """NamedTuple fields are documented by the class's ``Attributes:`` section, not as "Alias for field number"."""
+    doc = getattr(obj, "__doc__", None) or ""
+    if isinstance(doc, str) and doc.startswith("Alias for field number"):
+        return True
+    return None
+
+
+def _inline_attribute(self):
+    """Napoleon reads ``Type: description`` on the first line of a constant's docstring; jaxalgo's constants start
+    with a sentence ("The strategy catalogue: ..."), so only a word-like type before the colon counts as a type."""
+    line = self._lines.next()
+    _type, colon, _desc = self._partition_field_on_colon(line)
+    if not colon or not _desc or re.search(r"\w\s+\w", _type):
+        _type, _desc = "", line
+    descs = [_desc, *self._dedent(self._consume_to_end())]
+    return _type, self.__class__(descs, self._config).lines()
+
+
+GoogleDocstring._consume_inline_attribute = _inline_attribute
+
+
+def setup(app):
+    app.connect("autodoc-process-docstring", _drop_inherited_type_docs)
+    app.connect("autodoc-skip-member", _skip_namedtuple_fields)
