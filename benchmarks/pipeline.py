@@ -1,8 +1,9 @@
 """Pipeline parallelism on 4 simulated CPU devices: F3 (stages update as microbatches stream through, no backward
 wave) against a GPipe backprop pipeline (forward wave, backward wave, flush every step), side by side.
 
-Models: the MLP 784-1024x6-10 (tanh, sigmoid + BCE, generated data; 7 blocks) and a ViT (16x16x1 images, patch 4:
-16 tokens, width 64, 4 Transformer blocks; 6 blocks). For S = 2 and 4 stages and M = 4, 8, 16 microbatches of
+Models: the MLP 784-1024x6-10 (tanh, sigmoid + BCE, generated data; 7 blocks; its weights outweigh its activations)
+and a ViT (16x16x1 images, patch 2: 64 tokens of width 32, 4 heads, 4 Transformer blocks; 6 blocks; its activations
+outweigh its weights). For S = 2 and 4 stages and M = 4, 8, 16 microbatches of
 ``MICRO`` examples per step:
 
 - idle stage-ticks as a share of all stage-ticks, counted from the ``busy`` masks the programs return (the schedule
@@ -58,7 +59,7 @@ def mlp_problem():
 
 
 def vit_problem():
-    module = models.vit((16, 16, 1), 10, patch_size=4, dim=64, depth=4, heads=4, mlp_dim=128, key=jax.random.key(0))
+    module = models.vit((16, 16, 1), 10, patch_size=2, dim=32, depth=4, heads=4, mlp_dim=64, key=jax.random.key(0))
     fn, params = models.split_chain(module)
     return fn, params, (16, 16, 1), losses.softmax_cross_entropy, "cross_entropy"
 

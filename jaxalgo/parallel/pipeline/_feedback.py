@@ -335,7 +335,7 @@ class FeedbackPipeline:
             def tick(carry, t):
                 params, opt_state, errors, reg = carry
                 j = jnp.minimum(t, M - 1)
-                x_t, y_t, idx_t = (jax.lax.dynamic_index_in_dim(a, j, keepdims=False) for a in (x, y, idx))
+                x_t, y_t, idx_t = (jax.lax.dynamic_slice_in_dim(a, j * b, b) for a in (x, y, idx))
                 target = f3_maths.encode_targets(y_t, C, dtype)
                 rows_in = None
                 if spec.delayed:  # stage 0 reads the stored rows of the microbatch entering now
@@ -378,10 +378,10 @@ class FeedbackPipeline:
             return state, PipelineOutput(losses[None], busy[None])
 
         def run(state: FeedbackPipelineState, batch: dict[str, Any]):
-            x = batch["x"].reshape(M, b, *batch["x"].shape[1:])
-            y = batch["y"].astype(self.target_dtype).reshape(M, b, *self.target_shape)
+            x = batch["x"]  # microbatch j is rows j b : (j + 1) b, sliced at its tick (no copy of the batch)
+            y = batch["y"].astype(self.target_dtype)
             idx = batch["idx"] if "idx" in batch else jnp.zeros((M * b,), jnp.int32)
-            idx = idx.astype(jnp.int32).reshape(M, b)
+            idx = idx.astype(jnp.int32)
             staged = (state.params, state.opt_state, state.feedback, state.errors, state.inflight)
             specs = stage_specs(staged)
             sharded = jax.shard_map(

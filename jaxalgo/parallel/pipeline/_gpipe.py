@@ -213,7 +213,7 @@ class GPipe:
                 m = t - stage
                 active = (m >= 0) & (m < M)
                 j = jnp.clip(m, 0, M - 1)
-                x_m, y_m = (jax.lax.dynamic_index_in_dim(a, j, keepdims=False) for a in (x, y))
+                x_m, y_m = (jax.lax.dynamic_slice_in_dim(a, j * b, b) for a in (x, y))
                 kept = jax.lax.dynamic_index_in_dim(stash, j, keepdims=False)
                 stash = jax.lax.dynamic_update_index_in_dim(stash, jnp.where(active, reg, kept), j, 0)
                 which = jnp.where(active, stage, S)
@@ -230,7 +230,7 @@ class GPipe:
                 m = M - 1 - (t - (S - 1 - stage))
                 active = (m >= 0) & (m < M)
                 j = jnp.clip(m, 0, M - 1)
-                x_m, y_m = (jax.lax.dynamic_index_in_dim(a, j, keepdims=False) for a in (x, y))
+                x_m, y_m = (jax.lax.dynamic_slice_in_dim(a, j * b, b) for a in (x, y))
                 h_m = jax.lax.dynamic_index_in_dim(stash, j, keepdims=False)
                 which = jnp.where(active, stage, S)
                 g_vec, cot_out = jax.lax.switch(which, backward_branches, (vec, x_m, h_m, cot, y_m))
@@ -247,8 +247,8 @@ class GPipe:
             return to_global((vec, opt_state)), output
 
         def run(state: GPipeState, batch: dict[str, Any]):
-            x = batch["x"].reshape(M, b, *batch["x"].shape[1:])
-            y = batch["y"].astype(self.target_dtype).reshape(M, b, *self.target_shape)
+            x = batch["x"]  # microbatch j is rows j b : (j + 1) b, sliced at its tick (no copy of the batch)
+            y = batch["y"].astype(self.target_dtype)
             staged = (state.params, state.opt_state)
             specs = stage_specs(staged)
             out_specs = GPipeOutput(P(STAGE_AXIS), P(STAGE_AXIS), P(STAGE_AXIS))
