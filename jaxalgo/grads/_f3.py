@@ -720,7 +720,6 @@ class FeedbackOptions:
     reduction: Literal["sum", "mean"] = option("sum", flag="feedback_reduction")
 
     data_parallel: ClassVar[bool] = False
-    pipeline: ClassVar[str] = "feedback"  # stages update from their own signal (jaxalgo.parallel.pipeline)
 
     def __post_init__(self):
         check_fields(self)

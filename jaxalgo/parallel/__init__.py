@@ -86,7 +86,6 @@ from jaxalgo.parallel.ab import (
     lr_factor,
     place_ab_state,
 )
-from jaxalgo.parallel.pipeline import PipelineOptions, feedback_pipeline, gpipe, stage_mesh
 from jaxalgo.runner import SingleDevice
 
 STRATEGIES: Catalogue = {
@@ -94,7 +93,6 @@ STRATEGIES: Catalogue = {
     "ddp": Entry(DDPOptions, help="gradient (or k-number) all-reduce every step"),
     "daso": Entry(DasoOptions, help="DASO: node-local averaging every step, stale global averages"),
     "ab": Entry(ABOptions, help="AB-training: groups train low-rank factors A or B"),
-    "pipeline": Entry(PipelineOptions, help="pipeline stages: f3/drtp/llo update as data streams, backprop as GPipe"),
 }
 """The strategy catalogue: name -> :class:`jaxalgo.options.Entry`."""
 
@@ -133,7 +131,6 @@ __all__ = [
     "DasoTrainState",
     "DataParallelRunner",
     "MeshRunner",
-    "PipelineOptions",
     "ProcessPlan",
     "SingleDevice",
     "Watchdog",
@@ -153,9 +150,7 @@ __all__ = [
     "detect_cluster",
     "directional_value_and_grad",
     "expand_nodelist",
-    "feedback_pipeline",
     "find_ab_layers",
-    "gpipe",
     "group_mesh",
     "initial_schedule",
     "initialize_distributed",
@@ -178,7 +173,6 @@ __all__ = [
     "shard_local",
     "sharded_mean_over",
     "slurm_port",
-    "stage_mesh",
     "update_schedule",
     "vary",
     "varying_axes",
