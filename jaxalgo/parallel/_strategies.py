@@ -191,7 +191,7 @@ class DasoRunner(MeshRunner):
         phase = self.daso.phase(
             index, steps_per_epoch=self._steps_per_epoch, total_epochs=self._epochs, schedule=self._schedule_of(state)
         )
-        if not self._phases:
+        if self._epoch_schedule is None:
             self._epoch_schedule = self._schedule
         self._phases[phase] += 1
         batch, step = self._place_batch(batch), self.daso.steps[phase]
@@ -231,7 +231,7 @@ class DasoRunner(MeshRunner):
         length = self._window_length(index) if self._schedule is not None else 1
         if len(batches) < 2 or len(batches) != length:
             return super().run_window(state, batches, index)
-        if not self._phases:
+        if self._epoch_schedule is None:
             self._epoch_schedule = self._schedule
         self._phases.update(["send", *["local"] * (length - 2), "merge"])
         batches = [self._place_batch(batch) for batch in batches]
@@ -271,7 +271,16 @@ class DasoRunner(MeshRunner):
             **self._traffic.metrics(),
         }
         self._phases.clear()
+        self._epoch_schedule = None
         return record
+
+    def record(self, state: DasoTrainState) -> dict[str, Any]:
+        """The bytes counted so far and the epoch's steps per phase, so a resumed run reports the same figures."""
+        return {**super().record(state), "daso_phases": dict(self._phases)}
+
+    def load_record(self, record: dict[str, Any]) -> None:
+        super().load_record(record)
+        self._phases = collections.Counter(record.get("daso_phases", {}))
 
 
 class ABRunner(MeshRunner):
