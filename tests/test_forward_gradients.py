@@ -381,3 +381,21 @@ def test_fused_sum_and_mean_run_under_the_ordinary_data_parallel_path(batching, 
     args = (par.replicate(params, mesh), par.shard(batch, mesh), par.replicate(key, mesh))
     _, grads, _ = jax.jit(lambda p, b, k: dp.value_and_grad(p, None, b, key=k))(*args)
     np.testing.assert_allclose(flat(grads), flat(expected), rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("batching", ["vmap", "scan"])
+def test_the_gram_matrix_and_the_combination_are_full_precision_on_tpu_and_gpu(batching):
+    """XLA's default float32 matmul on TPU is one bfloat16 pass (TF32 on recent GPUs), about 3 digits, which the
+    projection's Cholesky solve would amplify. Lowered for those platforms, every matmul of the estimate (the
+    Gram matrix ``V V^T`` and ``V^T c``) asks for HIGHEST precision; the model's own matmuls are the user's."""
+    params, batch = make_problem()
+    est = forward_gradient(loss_fn, aggregation="orthogonal_projection", num_tangents=3, batching=batching)
+    step = jax.jit(lambda p, b, k: est.value_and_grad(p, est.init(p), b, key=k)[:2])
+    exported = jax.export.export(step, platforms=["tpu", "cuda"])(params, batch, jax.random.key(0))
+    text = exported.mlir_module()
+    grams = [line for line in text.splitlines() if "dot_general" in line and "tensor<3x3xf32>" in line.split("->")[-1]]
+    assert grams, "no Gram matrix (3 x 3) product in the lowered estimate"
+    assert all("HIGHEST" in line for line in grams), grams
+    n = N_SMALL
+    combos = [line for line in text.splitlines() if "dot_general" in line and f"tensor<{n}xf32>" in line.split("->")[-1]]
+    assert combos and all("HIGHEST" in line for line in combos), combos

@@ -72,6 +72,8 @@ from jaxalgo.options import check_fields, option
 
 TANGENTS: tuple[str, ...] = ("gaussian", "rademacher", "rank1")
 BATCHINGS: tuple[str, ...] = ("vmap", "scan", "chunk")
+
+
 MODES: tuple[str, ...] = ("forward", "simulated")
 
 
@@ -206,7 +208,7 @@ def _linearized(loss_fn: Callable[..., Any], has_aux: bool, mode: str) -> Source
         if mode == "simulated":
             out, grads = jax.value_and_grad(checked, has_aux=has_aux)(params, batch)
             flat_grad = FlatLayout.of(jax.tree.leaves(grads)).concat(jax.tree.leaves(grads))
-            return out, lambda v_leaves, v_flat: jnp.dot(v_flat, flat_grad.astype(v_flat.dtype))
+            return out, lambda v_leaves, v_flat: _combine.full_precision_matmul(v_flat, flat_grad.astype(v_flat.dtype))
         if has_aux:
             loss, lin, aux = jax.linearize(lambda p: checked(p, batch), params, has_aux=True)
             out = (loss, aux)
@@ -318,10 +320,10 @@ class DenseTangents:
         need_gram = self.projection
         need_norms = self.normalize and not self.projection
         if v is not None:  # vmap: V is here, use it.
-            gram = v @ v.T if need_gram else None
+            gram = _combine.full_precision_matmul(v, v.T) if need_gram else None
             sq_norms = self._squared_norms(v, layout) if need_norms else None
             c = self.coefficients(d, layout, gram, sq_norms)
-            flat = c.astype(layout.dtype) @ v
+            flat = _combine.full_precision_matmul(c.astype(layout.dtype), v)
             return jax.tree.unflatten(treedef, layout.split(flat))
         block = lambda b: _tangents.tangent_block(keys, b, layout, self.distribution)
         gram, sq_norms = None, self._squared_norms(None, layout)
@@ -330,14 +332,16 @@ class DenseTangents:
 
             def gram_step(total, b):
                 x = block(b)
-                return total + (x @ x.T if need_gram else jnp.diag(jnp.sum(x * x, axis=1))), None
+                return total + (
+                    _combine.full_precision_matmul(x, x.T) if need_gram else jnp.diag(jnp.sum(x * x, axis=1))
+                ), None
 
             k = self.num_tangents
             total, _ = jax.lax.scan(gram_step, jnp.zeros((k, k), layout.dtype), jnp.arange(layout.num_blocks))
             gram = total if need_gram else None
             sq_norms = jnp.diagonal(total) if need_norms else sq_norms
         c = self.coefficients(d, layout, gram, sq_norms).astype(layout.dtype)
-        blocks = jax.lax.map(lambda b: c @ block(b), jnp.arange(layout.num_blocks))
+        blocks = jax.lax.map(lambda b: _combine.full_precision_matmul(c, block(b)), jnp.arange(layout.num_blocks))
         flat = blocks.reshape(-1)[: layout.num_params]
         return jax.tree.unflatten(treedef, layout.split(flat))
 
@@ -363,7 +367,7 @@ class DenseTangents:
             c = d.astype(jnp.promote_types(d.dtype, jnp.float32)) * weight
             if self.normalize:  # u_i = v_i / |v_i|: d_i' u_i = d_i v_i / |v_i|^2
                 c = c / self._squared_norms(v, layout).astype(c.dtype)
-            return total + c.astype(layout.dtype) @ v, d
+            return total + _combine.full_precision_matmul(c.astype(layout.dtype), v), d
 
         # inside shard_map the estimate varies over the axes the loss does (per-device params or batch)
         zeros = _vary_like(jnp.zeros(layout.num_params, layout.dtype), out[0] if self.has_aux else out)

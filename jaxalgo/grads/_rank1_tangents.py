@@ -35,6 +35,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxalgo.grads._combine import full_precision_matmul
+
 Groups = tuple[tuple[int, ...], ...]
 
 
@@ -150,11 +152,11 @@ def gram_matrix(tangents: Sequence[FactoredTangent | jax.Array], dtype: Any = jn
             term = None
             for factor in tangent.flat_factors():
                 f = factor.astype(dtype)
-                g = f @ f.T
+                g = full_precision_matmul(f, f.T)
                 term = g if term is None else term * g
         else:
             f = tangent.reshape(tangent.shape[0], -1).astype(dtype)
-            term = f @ f.T
+            term = full_precision_matmul(f, f.T)
         total = term if total is None else total + term
     return total
 
