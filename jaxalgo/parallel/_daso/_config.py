@@ -4,11 +4,10 @@ step is compiled for (:data:`PHASES`) and the ways of compiling a send and its m
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Literal
 
 PHASES: tuple[str, ...] = ("local", "send", "merge", "blocking")
-COMM_DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
-PROGRAMS: tuple[str, ...] = ("window", "step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +37,7 @@ class DasoConfig:
     cooldown_epochs: int = 4
     merge_weight: float = 2.0
     max_global_skip: int = 8
-    comm_dtype: str = "bfloat16"
+    comm_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     sharded: bool = False
     adaptive: bool = True
     plateau_threshold: float = 0.05
@@ -65,6 +64,10 @@ class DasoConfig:
             raise ValueError(f"plateau_threshold: must be a number >= 0, got {self.plateau_threshold!r}")
         if self.program not in PROGRAMS:
             raise ValueError(f"program: unknown program {self.program!r}; allowed: {', '.join(PROGRAMS)}")
+
+
+COMM_DTYPES: tuple[str, ...] = typing.get_args(typing.get_type_hints(DasoConfig)["comm_dtype"])
+PROGRAMS: tuple[str, ...] = typing.get_args(typing.get_type_hints(DasoConfig)["program"])
 
 
 def check_integer(config: DasoConfig, name: str, low: int) -> None:

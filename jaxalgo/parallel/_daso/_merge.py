@@ -62,11 +62,16 @@ def synchronise(layout: Layout, phase: str, params: Any, daso_state: DasoState) 
     if phase == "blocking":
         params = jax.tree.map(lambda x, avg: avg.astype(x.dtype), params, average)
     elif phase == "merge":
-        params = merge_stale(
-            params,
-            average,
-            batches_to_wait=daso_state.schedule.batches_to_wait,
-            num_nodes=layout.num_nodes,
-            weight=layout.config.merge_weight,
-        )
+        params = merge_inflight(layout, params, average, daso_state)
     return params, average
+
+
+def merge_inflight(layout: Layout, params: Any, average: Any, daso_state: DasoState) -> Any:
+    """:func:`merge_stale` of the average in flight, with the state's ``S`` and the layout's nodes and weight."""
+    return merge_stale(
+        params,
+        average,
+        batches_to_wait=daso_state.schedule.batches_to_wait,
+        num_nodes=layout.num_nodes,
+        weight=layout.config.merge_weight,
+    )

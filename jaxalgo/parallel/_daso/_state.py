@@ -77,7 +77,8 @@ class Layout:
 
     @property
     def daso_specs(self) -> DasoState:
-        return DasoState(inflight=REPLICATED, schedule=REPLICATED, loss_sum=self.per_node)
+        # a tree of PartitionSpecs shaped like the state (jax's convention for in/out specs)
+        return DasoState(inflight=REPLICATED, schedule=REPLICATED, loss_sum=self.per_node)  # type: ignore[arg-type]
 
 
 def place_daso_state(state: DasoTrainState, mesh: Mesh, node_axis: str = NODE_AXIS) -> DasoTrainState:

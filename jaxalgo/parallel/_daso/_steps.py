@@ -41,7 +41,7 @@ from jaxalgo.grads import Estimator, scalar_loss
 from jaxalgo.parallel._collectives import mean_over, merge_replicated_state, vary
 from jaxalgo.parallel._comm import CommReport, comm_report
 from jaxalgo.parallel._daso._config import PHASES
-from jaxalgo.parallel._daso._merge import global_mean, merge_stale, synchronise
+from jaxalgo.parallel._daso._merge import global_mean, merge_inflight, synchronise
 from jaxalgo.parallel._daso._state import REPLICATED, DasoState, DasoTrainState, Layout, own, restack
 from jaxalgo.parallel._data_parallel import check_batch, reshard
 from jaxalgo.parallel._forward_dp import directional_value_and_grad
@@ -58,6 +58,8 @@ def node_local_gradients(
     """
     local_axis = layout.local_axis
     if layout.directional:
+        if estimator.split is None:
+            raise ValueError("estimator: a directional layout needs an estimator with a split form (estimator.split)")
         loss, grads = directional_value_and_grad(estimator.split, params, batch, key=key, axes=local_axis)
         return scalar_loss(loss), grads, estimator_state
     loss, grads, new_estimator_state = estimator.value_and_grad(
@@ -161,13 +163,7 @@ def device_window(
         later_step,
         (params, estimator_state, opt_state, loss_sum, later_losses),
     )
-    params = merge_stale(
-        params,
-        average,
-        batches_to_wait=daso_state.schedule.batches_to_wait,
-        num_nodes=layout.num_nodes,
-        weight=layout.config.merge_weight,
-    )
+    params = merge_inflight(layout, params, average, daso_state)
     losses = jnp.concatenate([vary(loss, node_axis)[None], later_losses])
     return (
         restack(params, node_axis),
@@ -275,9 +271,12 @@ def runs_per_instruction(hlo_text: str, *, trip_count: int | None = None) -> dic
             inner = count
             if re.search(r"\swhile\(", line):
                 trips = _TRIPS.search(line)
-                if trips is None and trip_count is None:
+                if trips is not None:
+                    inner = count * int(trips.group(1))
+                elif trip_count is not None:
+                    inner = count * trip_count
+                else:
                     raise ValueError(f"trip_count: the loop {match.group('name')} has no known trip count; pass one")
-                inner = count * (int(trips.group(1)) if trips else trip_count)
             for single, listed in called:
                 for name in [single] if single else listed.split(","):
                     visit(name.strip().lstrip("%"), inner)

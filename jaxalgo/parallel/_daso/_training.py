@@ -56,24 +56,20 @@ class Daso:
         return self.mesh.shape[self.node_axis]
 
     def phase(self, step: int, *, steps_per_epoch: int, total_epochs: int, schedule: DasoSchedule) -> str:
-        return daso_phase(
-            step,
-            steps_per_epoch=steps_per_epoch,
-            total_epochs=total_epochs,
-            global_skip=int(schedule.global_skip),
-            batches_to_wait=int(schedule.batches_to_wait),
-            config=self.config,
-        )
+        return daso_phase(step, **self._where(steps_per_epoch, total_epochs, schedule))
 
     def window_length(self, step: int, *, steps_per_epoch: int, total_epochs: int, schedule: DasoSchedule) -> int:
-        return daso_window(
-            step,
-            steps_per_epoch=steps_per_epoch,
-            total_epochs=total_epochs,
-            global_skip=int(schedule.global_skip),
-            batches_to_wait=int(schedule.batches_to_wait),
-            config=self.config,
-        )
+        return daso_window(step, **self._where(steps_per_epoch, total_epochs, schedule))
+
+    def _where(self, steps_per_epoch: int, total_epochs: int, schedule: DasoSchedule) -> dict[str, Any]:
+        """What places a step in the schedule, besides the step itself (the arguments of ``daso_phase``)."""
+        return {
+            "steps_per_epoch": steps_per_epoch,
+            "total_epochs": total_epochs,
+            "global_skip": int(schedule.global_skip),
+            "batches_to_wait": int(schedule.batches_to_wait),
+            "config": self.config,
+        }
 
 
 def consensus(mesh: Mesh, params: Any) -> Any:
