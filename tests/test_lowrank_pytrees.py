@@ -16,7 +16,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxalgo import lowrank
+from jaxalgo import lowrank, models
 from jaxalgo.grads import forward_gradient
 from jaxalgo.lowrank._layers import FrozenFactor
 from jaxalgo.lowrank._optim import trainable_mask
@@ -330,3 +330,14 @@ def test_a_mask_with_the_wrong_structure_names_mask():
         lowrank.freeze_factors(optax.adam(1e-3), mask=lambda p: [True]).init(params)
     with pytest.raises(ValueError, match=r"mask: leaves must be bools"):
         lowrank.trainable_part(params, jax.tree.map(lambda _: 1.0, mask))
+
+
+def test_a_chain_of_plain_functions_is_refused_in_one_line_naming_what_works():
+    """Plain block functions hide their layers: finding and factorising them fails with a TypeError that says
+    which models work, not with an AttributeError from inside flax."""
+    fn = models.chain_of([lambda p, h: h @ p["w"], lambda p, h: h @ p["w"]])
+    params = [{"w": jnp.ones((4, 4))}, {"w": jnp.ones((4, 2))}]
+    for call in (lowrank.find_layers, lowrank.factorize_chain):
+        with pytest.raises(TypeError, match=r"^fn: low-rank training factorises .* got BlockFns") as error:
+            call(fn, params)
+        assert "\n" not in str(error.value)

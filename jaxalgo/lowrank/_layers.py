@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -137,6 +137,10 @@ class LayerInfo:
         return min(self.m, self.n)
 
 
+_FACTORABLE = (nnx.Linear, nnx.LinearGeneral, nnx.Conv)
+"""The flax layers OIALR factorises (a convolution only when :func:`~jaxalgo.lowrank._conv.conv_view` accepts it)."""
+
+
 def _layer_view(module: nnx.Module) -> tuple[str, tuple[int, ...], tuple[int, ...]] | None:
     """``(kind, in_shape, out_shape)`` of a module that can be factorised, or ``None``.
 
@@ -175,6 +179,14 @@ def _set(node: Any, key: Any, value: Any) -> None:
 
 
 def _merge_block(fn: ChainFn, index: int, block_params: dict) -> nnx.Module:
+    if not isinstance(fn, ChainFn):
+        raise TypeError(
+            f"fn: low-rank training factorises the nnx.Linear, nnx.LinearGeneral and nnx.Conv layers of a chain of "
+            f"flax nnx modules (a jaxalgo.models.ChainFn: split_chain(Chain(your modules))); got "
+            f"{type(fn).__name__}, whose layers jaxalgo cannot see (plain functions or another library's modules). "
+            f"Write the blocks as nnx modules, or factorise your own matrices with "
+            f"jaxalgo.lowrank.factorize and compose"
+        )
     return nnx.merge(fn.graphdefs[index], nnx.State(block_params))
 
 
@@ -215,7 +227,7 @@ def find_layers(fn: ChainFn, params: ChainParams, *, min_aspect: float = 0.1) ->
                 continue
             _, in_shape, out_shape = view
             m, n = math.prod(in_shape), math.prod(out_shape)
-            if is_eligible(m, n, min_aspect):
+            if isinstance(node, _FACTORABLE) and is_eligible(m, n, min_aspect):
                 bias_size = 0 if node.bias is None else int(np.prod(node.bias.shape))
                 found.append(LayerInfo(index, tuple(path), m, n, bias_size))
     return tuple(found)
@@ -264,7 +276,10 @@ def factorize_chain(
         node = module
         for key in info.path:
             node = _get(node, key)
-        kind, in_shape, out_shape = _layer_view(node)
+        view = _layer_view(node)
+        if view is None or not isinstance(node, _FACTORABLE):
+            raise ValueError(f"ranks: layer {info.name} is not a dense or convolutional layer of the chain")
+        kind, in_shape, out_shape = view
         factors = host_factorize(node.kernel[...], len(in_shape))
         rank, size = ranks.get(info.name, (info.full_rank, info.full_rank))
         if not (isinstance(rank, int) and 1 <= rank <= size <= info.full_rank):
@@ -274,7 +289,7 @@ def factorize_chain(
             )
         if (rank, size) != (info.full_rank, info.full_rank):
             factors = _padded(factors, rank, size)
-        if kind == "conv":
+        if isinstance(node, nnx.Conv):  # kind == "conv"
             modules[info.block] = _replace(module, info.path, LowRankConv.from_conv(node, factors))
             continue
         bias = None if node.bias is None else node.bias[...]
@@ -302,14 +317,14 @@ def densify_chain(fn: ChainFn, params: ChainParams) -> tuple[ChainFn, ChainParam
             kernel = host_compose(Factors(u, s, v), (*node.in_shape, *node.out_shape))
             use_bias = node.bias is not None
             rngs = nnx.Rngs(0)
-            init = {
-                "kernel_init": lambda _key, shape, _dtype, kernel=kernel: kernel.reshape(shape),
-                "bias_init": nnx.initializers.zeros_init(),
-            }
+            kernel_init = lambda _key, shape, _dtype, kernel=kernel: kernel.reshape(shape)
+            bias_init = nnx.initializers.zeros_init()
+            dense: nnx.Linear | nnx.LinearGeneral
             if node.kind == "linear":
                 dense = nnx.Linear(
-                    node.in_shape[0], node.out_shape[0], use_bias=use_bias, param_dtype=u.dtype, rngs=rngs, **init
-                )
+                    node.in_shape[0], node.out_shape[0], use_bias=use_bias, param_dtype=u.dtype, rngs=rngs,
+                    kernel_init=kernel_init, bias_init=bias_init,
+                )  # fmt: skip
             else:
                 k = len(node.in_shape)
                 dense = nnx.LinearGeneral(
@@ -319,10 +334,11 @@ def densify_chain(fn: ChainFn, params: ChainParams) -> tuple[ChainFn, ChainParam
                     use_bias=use_bias,
                     param_dtype=u.dtype,
                     rngs=rngs,
-                    **init,
+                    kernel_init=kernel_init,
+                    bias_init=bias_init,
                 )
             dense.precision = node.precision
-            if use_bias:
+            if node.bias is not None and dense.bias is not None:
                 dense.bias[...] = node.bias[...]
             modules[index] = _replace(module, path, dense)
             module = modules[index]
@@ -330,7 +346,18 @@ def densify_chain(fn: ChainFn, params: ChainParams) -> tuple[ChainFn, ChainParam
     return with_precision_of(new_fn, fn), new_params
 
 
-def layer_params(params: ChainParams, info: LayerInfo) -> dict[str, jax.Array]:
+class _Located(Protocol):
+    """Where a layer's parameters are in a chain's parameters: ``params[block][path...]`` (a :class:`LayerInfo`,
+    or AB-training's ``ABLayer``)."""
+
+    @property
+    def block(self) -> int: ...
+
+    @property
+    def path(self) -> tuple[Any, ...]: ...
+
+
+def layer_params(params: ChainParams, info: _Located) -> dict[str, jax.Array]:
     """The parameter dict (``U``, ``S``, ``V``, maybe ``bias``) of a factorised layer."""
     node = params[info.block]
     for key in info.path:
@@ -338,7 +365,7 @@ def layer_params(params: ChainParams, info: LayerInfo) -> dict[str, jax.Array]:
     return node
 
 
-def with_layer_params(params: ChainParams, info: LayerInfo, values: dict[str, jax.Array]) -> ChainParams:
+def with_layer_params(params: ChainParams, info: _Located, values: dict[str, jax.Array]) -> ChainParams:
     """A copy of ``params`` with the layer's dict replaced by ``values`` (other arrays shared, not copied)."""
 
     def rebuild(node: dict, path: tuple[Any, ...]) -> dict:
