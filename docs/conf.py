@@ -58,12 +58,15 @@ html_theme_options = {
     "show_toc_level": 2,
     "navigation_with_keys": False,
 }
+html_static_path = ["_static"]
+html_css_files = ["jaxalgo.css"]
 
 # Cross-references: a broken reference to a jaxalgo object is an error (with -W); objects of other libraries are
 # not linked (no inventories are fetched: the build needs no network), so their names are exempt.
 nitpicky = True
 nitpick_ignore_regex = [
     ("py:.*", r"(jax|jaxlib|flax|optax|orbax|chex|numpy|np|jnp|nnx|typing|collections|os|argparse|pathlib)(\..*)?"),
+    ("py:.*", r"(matplotlib|tensorboardX)(\..*)?"),
     ("py:.*", r"(Any|Callable|Sequence|Mapping|Iterable|Iterator|Hashable|None|NoneType|P|Path)"),
     ("py:.*", r"(int|float|str|bool|tuple|list|dict|set|frozenset|type|object|bytes|Ellipsis)"),
     # private modules and the names inside them are not documented: a reference to them stays plain text
@@ -101,6 +104,14 @@ def _inline_attribute(self):
 GoogleDocstring._consume_inline_attribute = _inline_attribute
 
 
+def _protocol_signature(app, what, name, obj, options, signature, return_annotation):
+    """A Protocol (EstimatorOptions, StrategyOptions) is not instantiated: no ``(*args, **kwargs)`` signature."""
+    if what == "class" and getattr(obj, "_is_protocol", False):
+        return "", None
+    return None
+
+
 def setup(app):
     app.connect("autodoc-process-docstring", _drop_inherited_type_docs)
     app.connect("autodoc-skip-member", _skip_namedtuple_fields)
+    app.connect("autodoc-process-signature", _protocol_signature)

@@ -1,4 +1,6 @@
-"""The ``jaxalgo`` command line: ``jaxalgo train [flags]``.
+"""The ``jaxalgo`` command line: ``jaxalgo train [flags]``, and ``jaxalgo plot RUN [RUN ...] -o FILE`` to draw runs'
+metrics (:mod:`jaxalgo.plot`). ``jaxalgo sweep --option lr --values 1e-4:1e-1:8 [train flags]`` trains one run per
+value and prints the ``jaxalgo train`` command of the best one on validation data (:mod:`jaxalgo.sweep`).
 
 Every flag is generated from the run configuration (:mod:`jaxalgo.config`) and the catalogues' options
 dataclasses (:mod:`jaxalgo.options`): its type from the annotation, its choices from a ``Literal``, its default
@@ -16,7 +18,7 @@ import sys
 import time
 import typing
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from jaxalgo.config import FAMILIES, RunConfig, core_flags
 from jaxalgo.options import Flag, add_flags
@@ -29,6 +31,18 @@ from jaxalgo.parallel import (
     initialize_distributed,
     resolve_processes,
 )
+from jaxalgo.plot import AXES, plot_runs
+from jaxalgo.sweep import (
+    DEFAULT_VAL_FRACTION,
+    MODES,
+    PLOT_FILE,
+    SWEEP_FILE,
+    check_option,
+    format_table,
+    parse_values,
+    read_sweep,
+)
+from jaxalgo.sweep import sweep as run_sweep
 from jaxalgo.train import PREEMPTED_EXIT_STATUS, NonFiniteLossError, Preempted, resume_config, train_and_evaluate
 
 _PROCESS_FLAGS = (
@@ -128,7 +142,136 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"multi-process: stop, with exit status {PEER_LOST_EXIT_STATUS} and the ids of the missing processes, "
         "when not every process has connected within this long (default: %(default)g)",
     )
+    _add_plot_command(commands)
+    _add_sweep_command(commands, train)
     return parser
+
+
+def _add_plot_command(commands: Any) -> None:
+    plot = commands.add_parser(
+        "plot",
+        help="draw the curves of runs' metrics.jsonl side by side",
+        description="Draw the test accuracy (or MAE) and the losses of runs against steps and/or seconds, one "
+        "colour per run, the legend from each run's estimator and strategy (and the flags in which runs differ).",
+    )
+    plot.add_argument("runs", nargs="+", metavar="RUN", help="a run directory (a train --workdir) or a metrics.jsonl")
+    plot.add_argument("-o", "--output", required=True, metavar="FILE", help="the image: FILE.png or FILE.svg")
+    plot.add_argument("--x", choices=AXES, default="both", help="horizontal axis (default: %(default)s)")
+
+
+def _plot(args: argparse.Namespace) -> int:
+    """``jaxalgo plot``: the figure, or one line and exit status 2."""
+    try:
+        path = plot_runs(args.runs, args.output, x=args.x)
+    except (ValueError, OSError) as error:
+        print(f"jaxalgo: error: {error}", file=sys.stderr)
+        return 2
+    print(f"plot: {path}")
+    return 0
+
+
+_SWEEP_FLAGS = ("sweep_option", "sweep_values", "val_fraction", "sweep_mode")
+
+
+def _add_sweep_command(commands: Any, train: argparse.ArgumentParser) -> None:
+    """``jaxalgo sweep``: its own flags, then every flag group of ``train`` (the same argparse actions, shared as
+    argparse's ``parents`` shares them, so the two commands cannot drift apart)."""
+    sweep = commands.add_parser(
+        "sweep",
+        help="train one run per value of a float option (e.g. the learning rate) and pick the best on validation",
+        description="Train one run per value of a float option, as one vmapped program where the estimator and "
+        "strategy allow it (else one run after another, and the reason is printed), select on a held-out part of "
+        "the training split (never the test split), and print the jaxalgo train command of the chosen value. "
+        "Curves go to WORKDIR/OPTION=VALUE/metrics.jsonl, the plan and results to WORKDIR/sweep.json, the plot to "
+        "WORKDIR/sweep.png.",
+    )
+    group = sweep.add_argument_group("sweep")
+    add = group.add_argument
+    add("--option", dest="sweep_option", default=None, metavar="FLAG", help="the float option to sweep (e.g. lr)")
+    add(
+        "--values",
+        dest="sweep_values",
+        default=None,
+        metavar="LO:HI:N|A,B,...",
+        help="N log-spaced values from LO to HI (both included), or a comma list",
+    )
+    add(
+        "--val-fraction",
+        dest="val_fraction",
+        type=float,
+        default=None,
+        help=f"fraction of the training split held out for selection (default: {DEFAULT_VAL_FRACTION})",
+    )
+    add(
+        "--sweep-mode",
+        dest="sweep_mode",
+        choices=MODES,
+        default=None,
+        help="vmap: one program (refused when impossible); sequential: one run after another (default: auto)",
+    )
+    for source in train._action_groups:
+        actions = [a for a in source._group_actions if a.dest != "help"]
+        if actions:
+            target = sweep.add_argument_group(source.title, source.description)
+            for action in actions:
+                target._add_action(action)
+
+
+def _sweep_plan(args: argparse.Namespace) -> tuple[RunConfig, str, tuple[float, ...], float, str]:
+    """``(config, option, values, val_fraction, mode)`` of the parsed arguments; with ``--resume`` the flags not
+    given take the values of the sweep in ``--workdir`` (its sweep.json)."""
+    given = {k: v for k, v in vars(args).items() if k not in (*_PROCESS_FLAGS, *_SWEEP_FLAGS, "command")}
+    saved: dict[str, Any] = {}
+    if args.resume:
+        if not args.workdir:
+            raise ValueError("resume: needs --workdir, the directory of the sweep to continue")
+        if os.path.exists(os.path.join(args.workdir, SWEEP_FILE)):
+            saved = read_sweep(args.workdir)
+    option = args.sweep_option or saved.get("option")
+    if not option:
+        raise ValueError("option: give --option FLAG, the float option to sweep (e.g. --option lr)")
+    if args.sweep_values is not None:
+        values = parse_values(args.sweep_values)
+    elif "values" in saved:
+        values = tuple(saved["values"])
+    else:
+        raise ValueError("values: give --values LO:HI:N (log-spaced, e.g. 1e-4:1e-1:8) or a comma list A,B,...")
+    config = RunConfig.from_dict(saved["config"]).with_flags(**given) if "config" in saved else None
+    config = config or RunConfig.from_flags(given)
+    check_option(config, option)
+    fraction = args.val_fraction if args.val_fraction is not None else saved.get("val_fraction", DEFAULT_VAL_FRACTION)
+    mode = args.sweep_mode or ("auto" if not saved else saved.get("mode", "auto"))
+    return config, option, values, fraction, mode
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """``jaxalgo sweep``: the closing table and the chosen value's command, or one line and exit status 2."""
+    try:
+        config, option, values, fraction, mode = _sweep_plan(args)
+        _start_devices(args, config)
+    except ValueError as error:
+        print(f"jaxalgo: error: {error}", file=sys.stderr)
+        return 2
+    except ClusterError as error:
+        print(f"jaxalgo: error: {error}", file=sys.stderr)
+        return PEER_LOST_EXIT_STATUS
+    workdir = args.workdir or os.path.join(
+        "runs", f"{time.strftime('%Y%m%d-%H%M%S')}-sweep-{option}-{config.estimator.name}".replace(":", ".")
+    )
+    try:
+        result = run_sweep(config, option, values, workdir, val_fraction=fraction, mode=mode, resume=args.resume)
+    except (ValueError, TypeError, OSError) as error:
+        print(f"jaxalgo: error: {error}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    print(f"mode: {result.mode} ({result.reason})")
+    if os.path.exists(os.path.join(workdir, PLOT_FILE)):
+        print(f"plot: {os.path.join(workdir, PLOT_FILE)}")
+    if result.best is None:
+        print(f"chosen: none (every value of {option} diverged); try smaller values")
+        return 1
+    print(f"chosen: {option}={result.best!r}; train it with:\n  {result.command}")
+    return 0
 
 
 def _start_devices(args: argparse.Namespace, config: RunConfig) -> None:
@@ -188,6 +331,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "plot":
+        return _plot(args)
+    if args.command == "sweep":
+        return _sweep(args)
     try:
         config = config_from_args(args)
         _start_devices(args, config)

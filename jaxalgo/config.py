@@ -60,7 +60,7 @@ FAMILY_NAMES: tuple[str, ...] = tuple(f.name for f in FAMILIES)
 # Fields that may differ between a checkpointed run and the run that resumes it: they do not change what has
 # been computed so far, or are meant to change (the learning rate, to recover from a divergence).
 RESUMABLE_FIELDS: frozenset[str] = frozenset(
-    {"epochs", "quiet", "checkpoint_every", "keep_checkpoints", "data_dir", "log_every", "lr"}
+    {"epochs", "quiet", "checkpoint_every", "keep_checkpoints", "data_dir", "log_every", "lr", "tensorboard"}
 )
 
 
@@ -99,8 +99,11 @@ class RunConfig:
     Attributes:
       dataset: data set, one of jaxalgo.data.DATASETS, or a loader module:function returning a jaxalgo.data.Dataset
         (called with seed, test_fraction and data_dir).
-      data_dir: directory with local files (mnist, fashion_mnist, cifar10).
+      data_dir: directory with local files (mnist, fashion_mnist, cifar10), or the cache of mnist1d.
       test_fraction: held-out fraction of the bundled data sets, in (0, 1).
+      standardize: input standardisation, fitted on the train split: channel (one mean/std per channel: per
+        feature for tables, one for one-channel images such as digits), feature (per input element, e.g. per
+        pixel) or global (one over all elements).
       loss: output loss: auto (cross-entropy or MSE by task) or one of jaxalgo.losses.LOSSES.
       epochs: passes over the training split (>= 1).
       batch_size: examples per step (1 <= batch_size <= training examples; the last partial batch is dropped).
@@ -109,6 +112,8 @@ class RunConfig:
       keep_checkpoints: how many checkpoints to keep (>= 1).
       log_every: steps between progress-bar updates and finite-loss checks (>= 1).
       quiet: no progress bar and no summary table.
+      tensorboard: also write TensorBoard event files of the metrics to WORKDIR/tensorboard (needs
+        jaxalgo[tensorboard]).
       compute_dtype: dtype of activations and matmuls (float32, or bfloat16 with float32 parameters and optimizer
         state).
       model: the model and its options.
@@ -121,7 +126,8 @@ class RunConfig:
     dataset: str = "digits"
     data_dir: str | None = None
     test_fraction: float = 0.2
-    loss: str = "auto"
+    standardize: typing.Literal["channel", "feature", "global"] = "channel"
+    loss: typing.Literal["auto", losses.LossName] = "auto"
     epochs: int = 20
     batch_size: int = 64
     seed: int = 0
@@ -129,6 +135,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     quiet: bool = False
+    tensorboard: bool = False
     compute_dtype: typing.Literal["float32", "bfloat16"] = "float32"
     model: Choice = _choice_field("model")
     estimator: Choice = _choice_field("estimator")
@@ -166,7 +173,7 @@ class RunConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"config: unknown field(s) {unknown}; allowed: {sorted(known)}")
-        choices = {}
+        choices: dict[str, Any] = {}
         for family in FAMILIES:
             name = values.get(family.name, family.default)
             entry = family.lookup(name)
@@ -259,6 +266,14 @@ def _check_choice(family: Family, choice: Choice) -> None:
 
 def _check_core(config: RunConfig) -> None:
     """The core fields' types and ranges; raises ValueError naming the field."""
+    # The loss first, so that an unknown one is reported as such (check_fields would word it generically).
+    if ":" in config.dataset and config.standardize != "channel":
+        raise ValueError(
+            f"standardize: got {config.standardize!r} for the user loader {config.dataset!r}, which standardises "
+            "its own data; allowed: channel (the default)"
+        )
+    if config.loss != "auto" and config.loss not in losses.LOSSES:
+        raise ValueError(f"loss: unknown loss {config.loss!r}; allowed: auto, {', '.join(losses.LOSSES)}")
     check_fields(config)
     for name, low in (("epochs", 1), ("batch_size", 1), ("keep_checkpoints", 1), ("log_every", 1)):
         if getattr(config, name) < low:
@@ -271,8 +286,6 @@ def _check_core(config: RunConfig) -> None:
         raise ValueError(
             f"dataset: unknown data set {config.dataset!r}; allowed: {', '.join(data.DATASETS)}, or module:function"
         )
-    if config.loss != "auto" and config.loss not in losses.LOSSES:
-        raise ValueError(f"loss: unknown loss {config.loss!r}; allowed: auto, {', '.join(losses.LOSSES)}")
 
 
 _CORE: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in FAMILY_NAMES)

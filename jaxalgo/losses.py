@@ -6,7 +6,9 @@ scalar mean over the batch. Classification targets are integer labels (B,); regr
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,9 @@ import optax
 
 OutputLoss = Callable[[jax.Array, jax.Array], jax.Array]
 
-LOSSES: tuple[str, ...] = ("cross_entropy", "sigmoid_bce", "mse")
+LossName = Literal["cross_entropy", "sigmoid_bce", "mse"]
+"""The names of the output losses (the run configuration's ``loss``, besides ``"auto"``)."""
+LOSSES: tuple[str, ...] = typing.get_args(LossName)
 
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

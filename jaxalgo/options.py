@@ -30,7 +30,7 @@ import operator
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -240,7 +240,7 @@ def conforms(value: Any, tp: Any) -> bool:
 def check_fields(obj: Any) -> None:
     """Raises ValueError naming the first field of an options dataclass whose value is not of its annotated type
     (or not one of its ``Literal`` choices). Call it first in ``__post_init__``."""
-    cls = type(obj)
+    cls: type = type(obj)
     for field in _init_fields(cls):
         tp = _hints(cls)[field.name]
         value = getattr(obj, field.name)
@@ -368,7 +368,7 @@ def argparse_kwargs(flag: Flag) -> dict[str, Any]:
     return {"type": _parse_optional(parse) if optional else parse, "help": help_text + extra}
 
 
-def add_flags(group: Any, flags: tuple[Flag, ...]) -> None:
+def add_flags(group: Any, flags: Sequence[Flag]) -> None:
     """Adds one argument per flag to an argparse group; absent flags stay absent from the namespace."""
     for flag in flags:
         group.add_argument(flag.cli, dest=flag.name, default=argparse.SUPPRESS, **argparse_kwargs(flag))

@@ -107,6 +107,7 @@ class Experiment:
 
     @property
     def output_loss(self) -> losses.OutputLoss:
+        assert self.problem.output_loss is not None  # an experiment's problem is built from its output loss
         return self.problem.output_loss
 
     @property

@@ -45,6 +45,7 @@ from jaxalgo.runner import (
     make_train_step,
     run_keys,
 )
+from jaxalgo.tensorboard_log import TENSORBOARD_DIR, TensorBoardWriter, is_epoch_line, require
 from jaxalgo.workdir import (
     WorkdirBusyError,
     WorkdirLock,
@@ -151,7 +152,11 @@ def setup(config: RunConfig) -> Experiment:
     if config.data_dir is not None and not os.path.isdir(config.data_dir):
         raise FileNotFoundError(f"data_dir: {config.data_dir!r} is not a directory")
     dataset = data.load_dataset(
-        config.dataset, data_dir=config.data_dir, seed=config.seed, test_fraction=config.test_fraction
+        config.dataset,
+        data_dir=config.data_dir,
+        seed=config.seed,
+        test_fraction=config.test_fraction,
+        standardize=config.standardize,
     )
     data.validate_batch_size(config.batch_size, dataset.num_train)
     keys = run_keys(config.seed)
@@ -159,6 +164,7 @@ def setup(config: RunConfig) -> Experiment:
         build = lambda: config.model.options.build(dataset.input_shape, dataset.num_outputs, key=keys.init)
         check_memory(config, build)
         module = build()
+    chain: models.ChainFn | models.MixedPrecisionChain
     chain, params = models.split_chain(module)
     if config.compute_dtype != "float32":  # bf16 activations and matmuls; params, optimizer state stay float32
         chain = models.with_compute_dtype(chain, config.compute_dtype)
@@ -290,13 +296,17 @@ def train_and_evaluate(config: RunConfig, workdir: str | os.PathLike, *, resume:
     workdir's lock. With ``resume=True`` the run continues from the newest checkpoint that verifies (falling
     back past damaged ones), rewrites the metrics file from it, and ends with exactly the state and the metrics
     lines an uninterrupted run would have written. Fields that cannot change what was computed so far (epochs,
-    learning rate, logging, checkpoint cadence) may differ from the checkpoint's; each change is recorded.
+    learning rate, logging, checkpoint cadence) may differ from the checkpoint's; each change is recorded. With
+    ``config.tensorboard``, ``workdir/tensorboard`` holds TensorBoard event files equal to the metrics file's epoch
+    lines (rewritten from it at the start, so a resume neither duplicates nor loses a point).
 
     Raises:
       ValueError, OSError: bad configuration, data or workdir (ValueError or a subclass), before training starts.
       NonFiniteLossError: the loss became NaN or infinite (the last good checkpoint is kept).
       Preempted: SIGTERM or SIGUSR1 arrived; a checkpoint was saved.
     """
+    if config.tensorboard:
+        require("tensorboardX", "tensorboard")  # before any work
     workdir = _prepare_workdir(workdir)
     experiment = setup(config)
     runner = make_runner(config, experiment)
@@ -308,14 +318,31 @@ def train_and_evaluate(config: RunConfig, workdir: str | os.PathLike, *, resume:
             os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=config.keep_checkpoints, report=report
         )
         metrics_path = os.path.join(workdir, METRICS_FILE)
+        board = None
         try:
             start = _initial_state(config, experiment, checkpointer, runner, resume=resume, metrics_path=metrics_path)
+            board = _open_tensorboard(config, workdir, runner, metrics_path, start)
             if isinstance(start, dict):
                 return start  # a finished run: nothing to do
             state, elapsed, run_record = start
-            return _run(config, experiment, state, elapsed, checkpointer, metrics_path, runner, run_record)
+            return _run(config, experiment, state, elapsed, checkpointer, metrics_path, runner, run_record, board)
         finally:
             checkpointer.close()
+            if board is not None:
+                board.close()
+
+
+def _open_tensorboard(
+    config: RunConfig, workdir: str, runner: Runner, metrics_path: str, start: Any
+) -> TensorBoardWriter | None:
+    """With ``--tensorboard``, on the primary process: the event files rewritten from the metrics file as the
+    start left it (a resume has just rewritten it from its checkpoint)."""
+    if not (config.tensorboard and runner.is_primary):
+        return None
+    elapsed = start.get("seconds", 0.0) if isinstance(start, dict) else start[1]
+    board = TensorBoardWriter(os.path.join(workdir, TENSORBOARD_DIR), started=time.time() - elapsed)
+    board.rewrite(read_metrics(metrics_path))
+    return board
 
 
 @contextlib.contextmanager
@@ -421,7 +448,9 @@ def _initial_state(
     def check(record: dict[str, Any]) -> None:
         check_record_matches(_saved_fingerprint(record), config.fingerprint(), checkpointer.directory)
 
-    step, state, record = checkpointer.restore_newest(lambda r: runner.restore_target(r, fresh), check=check)
+    restored = checkpointer.restore_newest(lambda r: runner.restore_target(r, fresh), check=check)
+    assert restored is not None  # a checkpoint exists (latest above); one that does not verify raises
+    step, state, record = restored
     history = _history_of(record, metrics_path, step)
     done = max((line["epoch"] for line in history if "epoch" in line and not line.get("final")), default=0)
     if step > experiment.total_steps:
@@ -459,6 +488,7 @@ def _run(
     metrics_path: str,
     runner: Runner,
     run_record: _RunRecord,
+    board: TensorBoardWriter | None = None,
 ) -> dict[str, Any]:
     spe, total = experiment.steps_per_epoch, experiment.total_steps
     data_seed = run_keys(config.seed).data_seed
@@ -470,6 +500,8 @@ def _run(
         run_record.history.extend(lines)
         if runner.is_primary:
             append_metrics(metrics_path, lines)
+        if board is not None:
+            board.add(lines)
 
     def log_events() -> None:
         events = runner.events()
@@ -492,7 +524,7 @@ def _run(
         if lines:
             write(*lines)
 
-    def check_finite(loss: jax.Array, step: int) -> float:
+    def check_finite(loss: jax.Array | float, step: int) -> float:
         value = float(loss)
         if not math.isfinite(value):
             raise NonFiniteLossError(_diverged(f"loss became {value} at step {step}", config, checkpointer))
@@ -542,10 +574,10 @@ def _run(
                 line["seconds"] = time.perf_counter() - started
                 lines = [line]
                 if step == total:
-                    final = {"final": True, "step": step, "epoch": config.epochs, **runner.evaluate(state)}
-                    final.update(runner.final_metrics())
-                    final.update(steps=step, seconds=time.perf_counter() - started)
-                    lines.append(final)
+                    closing = {"final": True, "step": step, "epoch": config.epochs, **runner.evaluate(state)}
+                    closing.update(runner.final_metrics())
+                    closing.update(steps=step, seconds=time.perf_counter() - started)
+                    lines.append(closing)
                 save(state, step, *lines)
                 if step < total and notice.requested():
                     raise Preempted(_preempted(notice, step, workdir))
@@ -558,7 +590,8 @@ def _run(
         final.update(steps=step, seconds=time.perf_counter() - started)
         write(final)
     if not config.quiet and runner.is_primary:
-        print(format_summary(config, final))
+        epochs = [line for line in run_record.history if is_epoch_line(line)]
+        print(format_summary(config, final, last_epoch=epochs[-1] if epochs else None))
     return {**final, "state": state}
 
 
@@ -590,22 +623,60 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def format_summary(config: RunConfig, final: dict[str, Any]) -> str:
-    """A short table of the final evaluation."""
+def format_summary(config: RunConfig, final: dict[str, Any], *, last_epoch: Mapping[str, Any] | None = None) -> str:
+    """A short table of the final evaluation.
+
+    Beyond the metric, the loss, the steps and the time, it shows the figures the run's metrics carry: the bytes
+    each device sent (data-parallel strategies: ``comm_bytes_per_step`` and its cross-node part, per step and per
+    epoch, i.e. times ``steps / epochs``, means over the run), the trainable parameters (OIALR:
+    ``trainable_fraction_model``, ``trainable_fraction`` of the converted layers) and AB-training's
+    ``ab_compression_ratio`` (dense over low-rank parameter count). A figure is looked up in ``final`` first, then
+    in ``last_epoch`` (the last epoch's metrics line), and its row is left out when neither has it.
+    """
+    figures = {**(last_epoch or {}), **final}
     rows = [("model", config.model.name), ("dataset", config.dataset), ("estimator", config.estimator.name)]
     if "test_accuracy" in final:
         rows.append(("test accuracy", f"{100 * final['test_accuracy']:.2f}%"))
     if "test_mae" in final:
         rows.append(("test MAE", f"{final['test_mae']:.4f}"))
     rows += [("test loss", f"{final['test_loss']:.4f}"), ("steps", str(final["steps"]))]
-    if "comm_bytes_per_step" in final:
-        sent, cross = final["comm_bytes_per_step"], final["comm_cross_node_bytes_per_step"]
-        rows.append(("sent per device", f"{sent / 1e3:.1f} kB per step ({cross / 1e3:.1f} kB across nodes)"))
+    rows += _communication_rows(figures, final["steps"] / max(1, final.get("epoch", config.epochs)))
+    rows += _parameter_rows(figures)
     rows.append(("time", f"{final['seconds']:.1f} s"))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
     rule = "-" * max(len(line) for line in lines)
     return "\n".join([rule, *lines, rule])
+
+
+def _bytes(size: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size / 1e3:.1f} kB"
+
+
+def _communication_rows(figures: Mapping[str, Any], steps_per_epoch: float) -> list[tuple[str, str]]:
+    """The bytes one device sent, per step and per epoch (rows of :func:`format_summary`)."""
+    if "comm_bytes_per_step" not in figures:
+        return []
+    sent, cross = figures["comm_bytes_per_step"], figures.get("comm_cross_node_bytes_per_step", 0.0)
+    return [
+        ("sent per device", f"{sent / 1e3:.1f} kB per step ({cross / 1e3:.1f} kB across nodes)"),
+        ("sent per epoch", f"{_bytes(sent * steps_per_epoch)} ({_bytes(cross * steps_per_epoch)} across nodes)"),
+    ]
+
+
+def _parameter_rows(figures: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The trainable-parameter figures (rows of :func:`format_summary`)."""
+    rows = []
+    if "trainable_fraction_model" in figures:
+        layers = figures.get("trainable_fraction")
+        of_layers = "" if layers is None else f" ({100 * layers:.1f}% of the low-rank layers' dense size)"
+        rows.append(("trainable params", f"{100 * figures['trainable_fraction_model']:.1f}% of the model{of_layers}"))
+    if "ab_compression_ratio" in figures:
+        rows.append(("AB compression", f"{figures['ab_compression_ratio']:.2f}x fewer parameters than dense"))
+    return rows
 
 
 def load_final_params(workdir: str | os.PathLike, config: RunConfig) -> TrainState:

@@ -47,7 +47,7 @@ def test_flags_reach_the_config():
     [
         (["--model", "vit", "--hidden", "8,4"], "hidden: (8, 4) is given but model is 'vit'; it applies to mlp"),
         (["--tangents", "4"], "tangents: 4 is given but estimator is 'backprop'"),
-        (["--daso-comm-dtype", "bogus"], "daso_comm_dtype: 'bogus' is given but parallel is 'none'"),
+        (["--daso-comm-dtype", "float16"], "daso_comm_dtype: 'float16' is given but parallel is 'none'"),
         (["--estimator", "fg-rank1", "--tangent-dist", "rademacher"], "tangent_dist: estimator 'fg-rank1' always"),
         (["--estimator", "x"], "estimator: unknown estimator 'x'"),
     ],

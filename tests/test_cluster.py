@@ -532,3 +532,79 @@ def test_losing_a_process_stops_the_other_in_one_line_and_the_run_resumes_under_
     with open(workdir / "metrics.jsonl") as f:
         final = [json.loads(line) for line in f if line.strip()][-1]
     assert final["final"] and final["steps"] == 44
+
+
+def two_processes(process_id: int, port: int) -> list[str]:
+    return ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(process_id)]
+
+
+def metrics_lines(workdir) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.mark.multiprocess
+def test_a_signal_to_one_process_stops_both_at_one_step_and_the_run_resumes_exactly(tmp_path):
+    """SLURM's ``--signal`` reaches the tasks; here only process 1 gets SIGUSR1. jax's preemption service agrees on
+    one step: both processes save that step's checkpoint together and exit with status 75, and ``--resume`` in
+    two processes ends exactly where an uninterrupted two-process run does."""
+    flags = ["--epochs", "40", "--batch-size", "64", "--hidden", "32", "--seed", "3"]
+    full = tmp_path / "full"
+    processes = [
+        subprocess.Popen(
+            command(*flags, "--workdir", str(full), *two_processes(i, port)),
+            env=environment(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for port in [free_port()]
+        for i in (0, 1)
+    ]
+    results = finish(processes, timeout=300)
+    skip_without_gloo(results)
+    assert [code for code, _ in results] == [0, 0], results
+
+    workdir = tmp_path / "run"
+    port = free_port()
+    processes = [
+        subprocess.Popen(
+            command(*flags, "--workdir", str(workdir), *two_processes(i, port)),
+            env=environment(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for i in (0, 1)
+    ]
+    try:
+        deadline = time.monotonic() + 240
+        while not metrics_lines(workdir) and time.monotonic() < deadline and processes[0].poll() is None:
+            time.sleep(0.02)
+        assert metrics_lines(workdir), "the run wrote no epoch line"
+        processes[1].send_signal(signal.SIGUSR1)  # to process 1's supervisor, which forwards it to its worker
+    finally:
+        results = finish(processes, timeout=240)
+    assert [code for code, _ in results] == [75, 75], results
+    saved = checkpoint_steps(workdir)[-1]
+    assert 22 <= saved < 40 * 22, saved  # after the first epoch, before the end
+    said = [err.strip().splitlines()[-1] for _, err in results]
+    process_1 = rf"jaxalgo: preempted by SIGUSR1: saved a checkpoint at step {saved} in .*--resume"
+    process_0 = rf"jaxalgo: preempted by a preemption notice: saved a checkpoint at step {saved} in .*--resume"
+    assert re.fullmatch(process_0, said[0]) and re.fullmatch(process_1, said[1]), said
+
+    port = free_port()
+    resumed = [
+        subprocess.Popen(
+            command(*flags, "--workdir", str(workdir), "--resume", *two_processes(i, port)),
+            env=environment(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for i in (0, 1)
+    ]
+    results = finish(resumed, timeout=300)
+    assert [code for code, _ in results] == [0, 0], results
+    without_time = lambda lines: [{k: v for k, v in line.items() if k != "seconds"} for line in lines]
+    assert without_time(metrics_lines(workdir)) == without_time(metrics_lines(full))

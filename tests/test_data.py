@@ -29,6 +29,7 @@ def test_public_names():
         "breast_cancer",
         "diabetes",
         "synthetic_regression",
+        "mnist1d",
         "mnist",
         "fashion_mnist",
         "cifar10",

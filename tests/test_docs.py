@@ -26,6 +26,9 @@ MODULES = (
     "jaxalgo.options",
     "jaxalgo.config",
     "jaxalgo.train",
+    "jaxalgo.sweep",
+    "jaxalgo.plot",
+    "jaxalgo.tensorboard_log",
 )
 _DIRECTIVE = re.compile(r"^\.\. (auto\w+|py:\w+):: (\S+)\s*$")
 _MODULE_OPTION = re.compile(r"^\s+:module: (\S+)\s*$")
@@ -102,3 +105,24 @@ def test_built_inventory_has_every_public_name():
         names.add(module)
     missing = [name for name in documented_names(indexed_only=True) if name not in names]
     assert not missing, f"in docs/api but not in the built inventory: {missing}"
+
+
+def test_ci_command_executes_the_notebooks_once():
+    """The README's test command (run verbatim by .ci/run) builds the docs with warnings as errors before pytest,
+    and pytest no longer executes the notebooks (the docs build does, and fails on a failing cell)."""
+    import tomllib
+
+    readme = (ROOT / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.startswith("pip install") and "pytest" in line)
+    assert command in (ROOT / ".ci" / "run").read_text().splitlines()
+    steps = [step.strip() for step in command.split("&&")]
+    sphinx = next(i for i, s in enumerate(steps) if s.startswith("python -m sphinx"))
+    pytest_step = next(i for i, s in enumerate(steps) if s.startswith("python -m pytest"))
+    assert "-W" in steps[sphinx].split() and sphinx < pytest_step
+    assert "mypy" in steps
+    assert "--nbmake" not in steps[pytest_step]
+    testpaths = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["testpaths"]
+    assert "notebooks" not in testpaths
+    conf = (ROOT / "docs" / "conf.py").read_text()
+    assert re.search(r"^nb_execution_raise_on_error = True$", conf, re.MULTILINE)
+    assert re.search(r"^nb_execution_mode = \"(cache|force)\"$", conf, re.MULTILINE)

@@ -56,6 +56,7 @@ from jaxalgo import data, grads, lowrank
 from jaxalgo import parallel as par
 from jaxalgo.config import RunConfig
 from jaxalgo.lowrank import OIALRRunner
+from jaxalgo.parallel.pipeline import PipelineRunner
 from jaxalgo.runner import SingleDeviceRunner
 from jaxalgo.train import make_runner, setup
 
@@ -322,12 +323,25 @@ def _oialr(run: Run) -> list[Program]:
     return [*dense, *_oialr_stage(run, "low rank")]
 
 
+def _pipeline(run: Run) -> list[Program]:
+    """The pipeline's programs on the batch it replicates over the stages: F3 / DRTP / LLO's call without and with
+    its drain, or GPipe's step; and the evaluation."""
+    runner, mesh, pipe = run.runner, run.mesh, run.runner.pipe
+    args = abstract((run.state, pipe.place_batch(run.batch)), mesh)
+    if runner.form == "feedback":
+        programs = [Program(f"run[drain={drain}]", pipe.program(drain=drain), args) for drain in (False, True)]
+    else:
+        programs = [Program("step", pipe.program(), args)]
+    return [*programs, evaluation(runner._evaluate, run.experiment.init_params, run.experiment.dataset)]
+
+
 EXPORTERS: dict[type, Callable[[Run], list[Program]]] = {
     SingleDeviceRunner: _single_device,
     par.DataParallelRunner: _data_parallel,
     par.DasoRunner: _daso,
     par.ABRunner: _ab,
     OIALRRunner: _oialr,
+    PipelineRunner: _pipeline,
 }
 
 
@@ -378,6 +392,7 @@ STRATEGY_CASES: dict[str, list[dict[str, Any]]] = {
         {"estimator": "frog", "tangents": 4, "parallel_reduce": "directional"},
     ],
     "ab": [{"estimator": "backprop", "ab_sync_mode": mode} for mode in par.SYNC_MODES],
+    "pipeline": [{"estimator": "backprop", "mesh": "2"}, {"estimator": "f3", "mesh": "2"}],  # stages, not NODESxLOCAL
 }
 
 

@@ -397,5 +397,7 @@ def test_the_gram_matrix_and_the_combination_are_full_precision_on_tpu_and_gpu(b
     assert grams, "no Gram matrix (3 x 3) product in the lowered estimate"
     assert all("HIGHEST" in line for line in grams), grams
     n = N_SMALL
-    combos = [line for line in text.splitlines() if "dot_general" in line and f"tensor<{n}xf32>" in line.split("->")[-1]]
+    combos = [
+        line for line in text.splitlines() if "dot_general" in line and f"tensor<{n}xf32>" in line.split("->")[-1]
+    ]
     assert combos and all("HIGHEST" in line for line in combos), combos

@@ -15,14 +15,15 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "jaxalgo"
 # Each unit (a top-level module or subpackage of jaxalgo) may import units of its own layer or lower ones only.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("options",),
-    ("losses", "data", "checkpoint", "workdir", "optimizers"),
+    ("losses", "data", "checkpoint", "workdir", "optimizers", "tensorboard_log"),
     ("models",),
     ("grads", "experiments"),
     ("runner",),
     ("lowrank",),
     ("parallel",),
     ("config",),
-    ("train",),
+    ("train", "plot"),
+    ("sweep",),
     ("cli", "__main__"),
 )
 LAYER_OF = {unit: index for index, units in enumerate(LAYERS) for unit in units}

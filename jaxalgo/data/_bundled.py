@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxalgo.data._dataset import Dataset
-from jaxalgo.data._split import apply_standardiser, fit_standardiser, split_indices
+from jaxalgo.data._split import apply_standardiser, fit_standardiser, split_indices, standardizer_axes
 
 # Shape of the synthetic regression task (see :func:`synthetic_regression_arrays`).
 SYNTHETIC_NUM_EXAMPLES = 4000
@@ -68,11 +68,12 @@ _TASKS = {
 BUNDLED: tuple[str, ...] = tuple(_TASKS)
 
 
-def load_bundled(name: str, *, seed: int, test_fraction: float) -> Dataset:
+def load_bundled(name: str, *, seed: int, test_fraction: float, standardize: str = "channel") -> Dataset:
     """Splits a bundled data set and standardises it with statistics of the train split only.
 
-    Features are standardised per feature (tabular) or per channel (images); regression targets per target.
-    Classification splits are stratified by class.
+    Inputs are standardised as ``standardize`` says (:data:`jaxalgo.data._split.STANDARDIZE`; ``channel`` is
+    per feature for tables and per channel for images); regression targets per target. Classification splits
+    are stratified by class.
     """
     task, num_outputs = _TASKS[name]
     x, y = raw_arrays(name, seed)
@@ -80,8 +81,7 @@ def load_bundled(name: str, *, seed: int, test_fraction: float) -> Dataset:
     train_idx, test_idx = split_indices(
         len(x), test_fraction=test_fraction, seed=seed, labels=y if classification else None
     )
-    feature_axes = tuple(range(x.ndim - 1))  # (0,) for tables, (0, 1, 2) for NHWC images
-    mean, std = fit_standardiser(x[train_idx], feature_axes)
+    mean, std = fit_standardiser(x[train_idx], standardizer_axes(standardize, x.ndim))
     x_train, x_test = (apply_standardiser(x[i], mean, std) for i in (train_idx, test_idx))
     if classification:
         return Dataset(

@@ -16,7 +16,8 @@ class Dataset:
     Attributes:
       name: the data set's name, as given to :func:`load_dataset`.
       task: ``"classification"`` or ``"regression"``.
-      x_train: float32 inputs, shape ``(N_train, *input_shape)``; images are NHWC ``(N, H, W, C)``.
+      x_train: float32 inputs, shape ``(N_train, *input_shape)``; images are NHWC ``(N, H, W, C)``, signals
+        ``(N, L, C)`` (mnist1d: ``(N, 40, 1)``).
       y_train: classification: int32 labels ``(N_train,)`` in ``[0, num_outputs)``; regression: float32
         targets ``(N_train, T)``, standardised with the train split's statistics.
       x_test: inputs of the test split, standardised with the TRAIN split's statistics.

@@ -66,6 +66,32 @@ def split_indices(
     return train_idx, test_idx
 
 
+STANDARDIZE: tuple[str, ...] = ("channel", "feature", "global")
+"""How inputs are standardised: ``channel``: one mean / std per channel (the last axis), which is per feature
+for tables ``(N, F)`` and one global pair for one-channel signals and images; ``feature``: one pair per input
+element (per pixel of an image); ``global``: one pair over every element."""
+
+
+def check_standardize(standardize: str) -> str:
+    """Returns ``standardize`` if it is one of :data:`STANDARDIZE`, else raises naming the argument."""
+    if not isinstance(standardize, str) or standardize not in STANDARDIZE:
+        raise ValueError(f"standardize: got {standardize!r}; allowed: {', '.join(STANDARDIZE)}")
+    return standardize
+
+
+def standardizer_axes(standardize: str, ndim: int) -> tuple[int, ...]:
+    """The axes of ``(N, *input_shape)`` inputs (``ndim`` axes) that one mean / std is taken over.
+
+    ``channel``: every axis but the last; ``feature``: the batch axis only; ``global``: every axis.
+    """
+    check_standardize(standardize)
+    if standardize == "channel":
+        return tuple(range(ndim - 1))
+    if standardize == "feature":
+        return (0,)
+    return tuple(range(ndim))
+
+
 def fit_standardiser(x_train: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation of ``x_train`` over ``axes`` (float64, keepdims).
 
@@ -73,7 +99,7 @@ def fit_standardiser(x_train: np.ndarray, axes: tuple[int, ...]) -> tuple[np.nda
     """
     mean = np.mean(x_train, axis=axes, dtype=np.float64, keepdims=True)
     std = np.std(x_train, axis=axes, dtype=np.float64, keepdims=True)
-    return mean, np.where(std > 0, std, 1.0)
+    return np.asarray(mean), np.where(std > 0, std, 1.0)
 
 
 def apply_standardiser(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -91,21 +117,54 @@ def uint8_channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     if images.dtype != np.uint8:
         raise TypeError(f"images: expected uint8, got {images.dtype}")
-    values = np.arange(256, dtype=np.float64)
-    means, stds = [], []
-    for c in range(images.shape[-1]):
-        counts = np.bincount(images[..., c].ravel(), minlength=256).astype(np.float64)
-        total = counts.sum()
-        mean = counts @ values / total
-        var = counts @ (values - mean) ** 2 / total
-        means.append(mean)
-        stds.append(np.sqrt(var) if var > 0 else 1.0)
-    return np.asarray(means), np.asarray(stds)
+    stats = [_histogram_stats(images[..., c]) for c in range(images.shape[-1])]
+    return np.asarray([m for m, _ in stats]), np.asarray([s for _, s in stats])
 
 
-def standardise_uint8_images(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Standardises uint8 NHWC images per channel with the train split's statistics, giving float32."""
-    mean, std = uint8_channel_stats(train)
+def _histogram_stats(values: np.ndarray) -> tuple[float, float]:
+    """Exact mean and standard deviation (1 if zero) of uint8 ``values``, from their 256-bin histogram."""
+    levels = np.arange(256, dtype=np.float64)
+    counts = np.bincount(values.ravel(), minlength=256).astype(np.float64)
+    mean = counts @ levels / counts.sum()
+    var = counts @ (levels - mean) ** 2 / counts.sum()
+    return float(mean), float(np.sqrt(var)) if var > 0 else 1.0
+
+
+def uint8_feature_stats(images: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Exact per-element mean and standard deviation of uint8 ``images`` ``(N, ...)`` over the batch axis.
+
+    Sums of ``x`` and ``x^2`` are accumulated in int64 (exact) over chunks of ``chunk`` examples, so no float
+    copy of the whole array is made; :math:`\\sigma^2 = E[x^2] - E[x]^2`.
+
+    Returns:
+      ``(mean, std)``, float64 arrays of shape ``images.shape[1:]``; a zero std is replaced by 1.
+    """
+    if images.dtype != np.uint8:
+        raise TypeError(f"images: expected uint8, got {images.dtype}")
+    total = np.zeros(images.shape[1:], dtype=np.int64)
+    squares = np.zeros(images.shape[1:], dtype=np.int64)
+    for start in range(0, len(images), chunk):
+        part = images[start : start + chunk].astype(np.int64)
+        total += part.sum(axis=0)
+        squares += (part * part).sum(axis=0)
+    mean = total / len(images)
+    var = np.maximum(squares / len(images) - mean**2, 0.0)
+    std = np.sqrt(var)
+    return mean, np.where(std > 0, std, 1.0)
+
+
+def standardise_uint8_images(
+    train: np.ndarray, test: np.ndarray, standardize: str = "channel"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Standardises uint8 NHWC images with the train split's statistics (see :data:`STANDARDIZE`), giving
+    float32."""
+    standardize = check_standardize(standardize)
+    if standardize == "channel":
+        mean, std = uint8_channel_stats(train)
+    elif standardize == "feature":
+        mean, std = uint8_feature_stats(train)
+    else:
+        mean, std = (np.asarray(v) for v in _histogram_stats(train))
     mean32, std32 = mean.astype(np.float32), std.astype(np.float32)
     out = []
     for images in (train, test):

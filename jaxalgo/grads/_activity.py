@@ -150,10 +150,10 @@ def _wide(a: jax.Array) -> Any:
 def _coefficients(aggregation: str, d: jax.Array, flat_tangents: Sequence[jax.Array]) -> jax.Array:
     """Coefficients ``c`` (k, B) with ``delta_b ~ U^T c_b`` from ``d`` (k, B) and the tangents (each (k, n_l))."""
     k = d.shape[0]
-    gram = None
+    gram: jax.Array | None = None
     if aggregation == "orthogonal_projection":
         dtype = jnp.promote_types(d.dtype, jnp.float32)
-        gram = sum(t.astype(dtype) @ t.astype(dtype).T for t in flat_tangents)
+        gram = sum((t.astype(dtype) @ t.astype(dtype).T for t in flat_tangents), jnp.zeros((k, k), dtype))
         used = min(k, sum(t.shape[1] for t in flat_tangents))
         if used < k:  # more tangents than activity dimensions: the first N span the whole space.
             mask = jnp.arange(k) < used
@@ -436,6 +436,7 @@ class ActivityOptions:
 
     def build(self, problem: Problem) -> Estimator:
         problem.require("chain", "output_loss", by="activity perturbation")
+        assert problem.output_loss is not None  # checked by require
         if problem.has_aux:
             raise ValueError("problem: activity perturbation takes an output loss, not a loss with aux (has_aux)")
         return activity_forward_gradient(

@@ -233,6 +233,7 @@ class BackpropOptions:
     """Backprop: the exact gradient by reverse-mode autodiff (no options)."""
 
     data_parallel: ClassVar[bool] = True
+    pipeline: ClassVar[str] = "backprop"  # runs as the GPipe pipeline (jaxalgo.parallel.pipeline)
 
     def build(self, problem: Problem) -> Estimator:
         return backprop(problem.loss_fn, has_aux=problem.has_aux)

@@ -304,6 +304,8 @@ def _init_state(spec: _Spec, params, *, input_shape, feedback_init, key):
     if not spec.delayed:
         return FeedbackState(feedback)
     targets = spec.targets
+    if targets is None:
+        raise ValueError("train_targets: a delayed variant starts its error buffer from them, got None")
     if targets.ndim == 2 and targets.shape[1] != setup.num_outputs:
         raise ValueError(f"train_targets: shape {targets.shape} does not match the model's {setup.num_outputs} outputs")
     if targets.ndim == 1 and np.issubdtype(targets.dtype, np.integer):
@@ -322,7 +324,10 @@ def _check_state(spec: _Spec, state: Any) -> None:
     hidden = spec.chain.num_blocks - 1
     if len(state.feedback) != hidden:
         raise ValueError(f"state: holds {len(state.feedback)} feedback matrices, the chain has {hidden} hidden blocks")
-    if spec.delayed and state.errors.shape[0] != len(spec.targets):
+    if not spec.delayed:
+        return
+    assert isinstance(state, DelayedFeedbackState) and spec.targets is not None  # checked above and by the spec
+    if state.errors.shape[0] != len(spec.targets):
         raise ValueError(
             f"state.errors: the delayed error buffer has {state.errors.shape[0]} rows but the training "
             f"set has {len(spec.targets)} examples; build the estimator with this data set's train_targets"
@@ -402,6 +407,8 @@ def _error_before_forward(spec: _Spec, rows: jax.Array | None, t: jax.Array) -> 
     if spec.variant == "zeros":
         return jnp.zeros_like(t)
     if spec.delayed:
+        if rows is None:
+            raise ValueError(f"rows: the delayed variant {spec.variant!r} reads its error buffer's rows, got None")
         return t * rows if spec.variant.endswith("_one_hot") else rows
     return None
 
@@ -684,7 +691,7 @@ last_layer_only.__doc__ = """Last layer only (shallow learning): true gradient f
     """
 
 for _fn in (f3, dfa, drtp, last_layer_only):
-    _fn.__doc__ = _fn.__doc__.replace("{args}", _SHARED_ARGS_DOC.strip("\n"))
+    _fn.__doc__ = (_fn.__doc__ or "").replace("{args}", _SHARED_ARGS_DOC.strip("\n"))
 
 
 _BUILDERS_OF_FIXED_VARIANTS: dict[str, Callable[..., Estimator]] = {
@@ -720,6 +727,7 @@ class FeedbackOptions:
     reduction: Literal["sum", "mean"] = option("sum", flag="feedback_reduction")
 
     data_parallel: ClassVar[bool] = False
+    pipeline: ClassVar[str] = "feedback"  # stages update from their own signal (jaxalgo.parallel.pipeline)
 
     def __post_init__(self):
         check_fields(self)
@@ -730,7 +738,8 @@ class FeedbackOptions:
         delayed = self.variant in DELAYED_VARIANTS
         required = ("chain", "output_loss", "input_shape", "key", *(("train_targets",) if delayed else ()))
         problem.require(*required, by=method_name(self.variant))
-        common = dict(
+        assert problem.output_loss is not None  # checked by require
+        common: dict[str, Any] = dict(
             input_shape=problem.input_shape,
             output_activation=loss_activation(problem.loss_name),
             feedback_init=self.init,

@@ -181,4 +181,5 @@ class FAOptions:
     def build(self, problem: Problem) -> Estimator:
         """FA on ``problem.chain`` (DenseBlocks) and ``problem.output_loss``, its feedback from ``problem.key``."""
         problem.require("chain", "output_loss", "key", by="fa")
+        assert problem.output_loss is not None and problem.key is not None  # checked by require
         return fa(problem.chain, problem.output_loss, feedback_init=self.init, key=problem.key)

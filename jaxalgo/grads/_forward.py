@@ -177,7 +177,12 @@ def _fold_tangents(
     ``chunk_size`` at a time (``chunk``; the last chunk may be shorter); ``d`` stacks the chunks' ``d_chunk``.
     ``total`` may be ``None`` (a plain map)."""
     k = keys.shape[0]
-    c = 1 if batching == "scan" else min(chunk_size, k)
+    if batching == "scan":
+        c = 1
+    elif chunk_size is None:
+        raise ValueError(f"chunk_size: needed with batching={batching!r}, got None")
+    else:
+        c = min(chunk_size, k)
     full = (k // c) * c
     parts = []
     if full:
@@ -292,6 +297,8 @@ class DenseTangents:
         k, n = self.num_tangents, layout.num_params
         d = d.astype(jnp.promote_types(d.dtype, jnp.float32))
         if self.projection:
+            if gram is None:
+                raise ValueError("gram: the orthogonal projection needs the tangents' Gram matrix, got None")
             used = min(k, n)
             if used < k:  # more tangents than parameters: the first n span the whole space.
                 mask = jnp.arange(k) < used
@@ -301,6 +308,8 @@ class DenseTangents:
         else:
             c = _combine.combination_coefficients(self.aggregation, d)
             if self.normalize:  # u_i = v_i / |v_i|: d_i' u_i = d_i v_i / |v_i|^2
+                if sq_norms is None:
+                    raise ValueError("sq_norms: normalised tangents need their squared norms, got None")
                 c = c / sq_norms.astype(c.dtype)
         if self.correct:
             c = c * _combine.scaling_correction(self.aggregation, num_tangents=k, num_params=n)
@@ -435,6 +444,7 @@ def forward_gradient_directional(
         normalize_tangents=normalize_tangents, scaling_correction=scaling_correction, batching=batching,
         chunk_size=chunk_size, has_aux=has_aux, mode=mode,
     )  # fmt: skip
+    assert estimator.split is not None  # forward_gradient always builds its split form
     return estimator.split
 
 

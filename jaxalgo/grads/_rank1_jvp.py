@@ -105,14 +105,14 @@ def _add(a: Tangent, b: Tangent) -> Tangent:
 def _push(eqn: jcore.JaxprEqn, primals: list[Any], tangents: list[Tangent], fallbacks: list[str] | None):
     """One equation: primal outputs and their stacked tangents."""
     dense = [i for i, t in enumerate(tangents) if isinstance(t, jax.Array)]
-    factored = [i for i, t in enumerate(tangents) if isinstance(t, FactoredTangent)]
+    factored = [(i, t) for i, t in enumerate(tangents) if isinstance(t, FactoredTangent)]
+    out_t: list[Tangent]
     if dense:
-        outs, out_t = _jvp_dense(eqn, primals, dense, [tangents[i] for i in dense])
+        outs, out_t = _jvp_dense(eqn, primals, dense, [t for t in tangents if isinstance(t, jax.Array)])
     else:
         outs, out_t = _bind(eqn, primals), [None] * len(eqn.outvars)
     rule = RULES.get(eqn.primitive.name)
-    for i in factored:
-        tangent = tangents[i]
+    for i, tangent in factored:
         contribution = None
         if rule is not None and not eqn.primitive.multiple_results:
             contribution = rule(primals, i, tangent, dict(eqn.params))
@@ -157,6 +157,7 @@ def _eval(
         in_p = [p for p, _ in ins]
         in_t = [t for _, t in ins]
         has_factored = any(isinstance(t, FactoredTangent) for t in in_t)
+        out_t: list[Tangent]
         if all(t is None for t in in_t):
             outs, out_t = _bind(eqn, in_p), [None] * len(eqn.outvars)
         elif (sub := _sub_jaxpr(eqn, _INLINE_ALWAYS)) is not None or (

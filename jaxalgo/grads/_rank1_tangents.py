@@ -27,7 +27,9 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import operator
 import string
 from collections.abc import Sequence
 from typing import Any
@@ -138,7 +140,9 @@ def sample_tangents(keys: jax.Array, leaves: Sequence[jax.Array]) -> list[Factor
     out: list[FactoredTangent | jax.Array] = []
     for leaf, tangent in zip(leaves, stacked, strict=True):
         if isinstance(tangent, tuple):
-            out.append(FactoredTangent(tuple(tangent), rank1_groups(leaf.shape), tuple(leaf.shape)))
+            groups = rank1_groups(leaf.shape)
+            assert groups is not None  # _sample_one factors exactly the leaves that have a rank-1 view
+            out.append(FactoredTangent(tuple(tangent), groups, tuple(leaf.shape)))
         else:
             out.append(tangent)
     return out
@@ -146,18 +150,18 @@ def sample_tangents(keys: jax.Array, leaves: Sequence[jax.Array]) -> list[Factor
 
 def gram_matrix(tangents: Sequence[FactoredTangent | jax.Array], dtype: Any = jnp.float32) -> jax.Array:
     """``G_ij = <v_i, v_j>`` summed over leaves; factored leaves use the product of the factors' Gram matrices."""
-    total = None
+    if not tangents:
+        raise ValueError("tangents: expected at least one leaf, got none")
+    total: jax.Array | None = None
     for tangent in tangents:
         if isinstance(tangent, FactoredTangent):
-            term = None
-            for factor in tangent.flat_factors():
-                f = factor.astype(dtype)
-                g = full_precision_matmul(f, f.T)
-                term = g if term is None else term * g
+            grams = [full_precision_matmul(f, f.T) for f in (x.astype(dtype) for x in tangent.flat_factors())]
+            term = functools.reduce(operator.mul, grams)
         else:
             f = tangent.reshape(tangent.shape[0], -1).astype(dtype)
             term = full_precision_matmul(f, f.T)
         total = term if total is None else total + term
+    assert total is not None
     return total
 
 

@@ -117,7 +117,9 @@ class LowRankConv(nnx.Module):
         self.in_features = int(in_features)
         self.out_features = int(v.shape[0])
         self.strides = _as_tuple(strides, nd)
-        self.padding = padding if isinstance(padding, str) else tuple(tuple(p) for p in padding)
+        self.padding: Padding = (
+            padding if isinstance(padding, str) else tuple((int(low), int(high)) for low, high in padding)
+        )
         self.input_dilation = _as_tuple(input_dilation, nd)
         self.kernel_dilation = _as_tuple(kernel_dilation, nd)
         self.precision = precision
@@ -181,21 +183,24 @@ class LowRankConv(nnx.Module):
             bias_init=nnx.initializers.zeros_init(),
             rngs=nnx.Rngs(0),
         )
-        if self.bias is not None:
+        if self.bias is not None and conv.bias is not None:
             conv.bias[...] = self.bias[...]
         return conv
 
     @classmethod
     def from_conv(cls, conv: nnx.Conv, factors: Factors) -> LowRankConv:
         """A factorised copy of ``conv`` (same strides, padding, dilations, bias) with the given factors."""
+        padding = conv_padding(conv)
+        if padding is None:
+            raise ValueError(f"conv: padding {conv.padding!r} is not zero padding (SAME, VALID or (low, high) pairs)")
         return cls(
             factors,
             None if conv.bias is None else conv.bias[...],
             kernel_size=conv.kernel_size,
             in_features=conv.in_features,
-            strides=conv.strides,
-            padding=conv_padding(conv),
-            input_dilation=conv.input_dilation,
-            kernel_dilation=conv.kernel_dilation,
+            strides=1 if conv.strides is None else conv.strides,  # nnx.Conv reads None as 1
+            padding=padding,
+            input_dilation=1 if conv.input_dilation is None else conv.input_dilation,
+            kernel_dilation=1 if conv.kernel_dilation is None else conv.kernel_dilation,
             precision=conv.precision,
         )

@@ -175,7 +175,7 @@ class OIALRTrainer:
     def _carry_estimator_state(self, old: Any, params: Any) -> Any:
         """The old estimator state if it fits the new parameters (e.g. F3's error buffer), else a fresh one."""
         new = jax.eval_shape(self.estimator.init, params)
-        same = jax.tree.structure(new) == jax.tree.structure(old) and all(
+        same = jax.tree.structure(new) == jax.tree.structure(old) and all(  # type: ignore[operator]  # PyTreeDef: see _optim
             a.shape == b.shape and a.dtype == b.dtype
             for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old), strict=True)
         )

@@ -178,14 +178,14 @@ def _restore(partial: Any, like: Any, mask: Mask, frozen: Callable[[Any], Any], 
     if all(flags):
         return partial
     expected = jax.tree.structure(_prune(like, flags))
-    if jax.tree.structure(partial) != expected:
+    if jax.tree.structure(partial) != expected:  # type: ignore[operator]  # mypy cannot resolve jaxlib's PyTreeDef
         raise ValueError(
             f"{name}: partial does not have the structure of trainable_part(like, mask): "
             f"{jax.tree.structure(partial)} vs {expected}"
         )
     leaves, treedef = jax.tree.flatten(like)
     trained = iter(jax.tree.leaves(partial))
-    return treedef.unflatten([next(trained) if f else frozen(x) for x, f in zip(leaves, flags, strict=True)])
+    return jax.tree.unflatten(treedef, [next(trained) if f else frozen(x) for x, f in zip(leaves, flags, strict=True)])
 
 
 def fill_frozen(partial: Any, like: Any, mask: Mask = None) -> Any:

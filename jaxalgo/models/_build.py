@@ -9,6 +9,7 @@ import jax
 from flax import nnx
 
 from jaxalgo.models._chain import Chain
+from jaxalgo.models._cnn1d import cnn1d
 from jaxalgo.models._mlp import mlp
 from jaxalgo.models._resnet import resnet
 from jaxalgo.models._vit import vit
@@ -104,6 +105,48 @@ class ViTOptions:
 
 
 @dataclasses.dataclass(frozen=True)
+class CNN1DOptions:
+    """A 1-D convolutional network for signals such as mnist1d (:func:`jaxalgo.models.cnn1d`; the defaults are
+    the MNIST-1D paper's ConvNet).
+
+    Attributes:
+      channels: output channels of each convolution, comma-separated (e.g. 25,25,25).
+      kernel_sizes: kernel width of each convolution, one per channel entry (e.g. 5,3,3).
+      stride: stride of every convolution.
+      padding: zeros at each end of every convolution's input.
+    """
+
+    channels: tuple[int, ...] = (25, 25, 25)
+    kernel_sizes: tuple[int, ...] = (5, 3, 3)
+    stride: int = 2
+    padding: int = 1
+
+    def __post_init__(self):
+        check_fields(self)
+        if not self.channels or any(c < 1 for c in self.channels):
+            raise ValueError(f"channels: must be one or more integers >= 1, got {self.channels!r}")
+        if len(self.kernel_sizes) != len(self.channels) or any(k < 1 for k in self.kernel_sizes):
+            raise ValueError(
+                f"kernel_sizes: must be {len(self.channels)} integers >= 1 (one per channel entry), "
+                f"got {self.kernel_sizes!r}"
+            )
+        _check_positive(self, "stride")
+        if self.padding < 0:
+            raise ValueError(f"padding: must be an integer >= 0, got {self.padding!r}")
+
+    def build(self, input_shape: tuple[int, ...], num_outputs: int, *, key: jax.Array) -> Chain:
+        return cnn1d(
+            input_shape,
+            num_outputs,
+            channels=self.channels,
+            kernel_sizes=self.kernel_sizes,
+            stride=self.stride,
+            padding=self.padding,
+            key=key,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class ImportedModel:
     """A user's own model factory, ``module:function``: ``function(input_shape, num_outputs, *, key)`` returning a
     :class:`jaxalgo.models.Chain` (block-wise estimators see its blocks) or any other ``nnx.Module`` mapping a batch
@@ -136,6 +179,7 @@ MODELS: Catalogue = {
     "mlp": Entry(MLPOptions, help="multi-layer perceptron"),
     "resnet": Entry(ResNetOptions, help="small ResNet (images)"),
     "vit": Entry(ViTOptions, prefix="vit_", help="Vision Transformer (images)"),
+    "cnn1d": Entry(CNN1DOptions, prefix="cnn1d_", help="1-D ConvNet (signals, e.g. mnist1d)"),
 }
 """The model catalogue: name -> :class:`jaxalgo.options.Entry`; ``module:function`` names a user's own factory."""
 

@@ -97,8 +97,8 @@ class ResidualBlock(nnx.Module):
         self.conv2 = _conv(out_channels, out_channels, 3, 1, rngs)
         self.norm2 = _norm(out_channels, rngs)
         if stride != 1 or in_channels != out_channels:
-            self.proj_conv = _conv(in_channels, out_channels, 1, stride, rngs)
-            self.proj_norm = _norm(out_channels, rngs)
+            self.proj_conv: nnx.Conv | None = _conv(in_channels, out_channels, 1, stride, rngs)
+            self.proj_norm: nnx.GroupNorm | None = _norm(out_channels, rngs)
         else:
             self.proj_conv = None
             self.proj_norm = None
@@ -106,7 +106,7 @@ class ResidualBlock(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         h = jax.nn.relu(self.norm1(self.conv1(x)))
         h = self.norm2(self.conv2(h))
-        skip = x if self.proj_conv is None else self.proj_norm(self.proj_conv(x))
+        skip = x if self.proj_conv is None or self.proj_norm is None else self.proj_norm(self.proj_conv(x))
         return jax.nn.relu(h + skip)
 
 

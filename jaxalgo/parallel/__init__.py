@@ -86,6 +86,7 @@ from jaxalgo.parallel.ab import (
     lr_factor,
     place_ab_state,
 )
+from jaxalgo.parallel.pipeline import PipelineOptions, PipelineRunner
 from jaxalgo.runner import SingleDevice
 
 STRATEGIES: Catalogue = {
@@ -93,6 +94,7 @@ STRATEGIES: Catalogue = {
     "ddp": Entry(DDPOptions, help="gradient (or k-number) all-reduce every step"),
     "daso": Entry(DasoOptions, help="DASO: node-local averaging every step, stale global averages"),
     "ab": Entry(ABOptions, help="AB-training: groups train low-rank factors A or B"),
+    "pipeline": Entry(PipelineOptions, help="pipeline stages: f3/drtp/llo update as data streams, backprop as GPipe"),
 }
 """The strategy catalogue: name -> :class:`jaxalgo.options.Entry`."""
 
@@ -131,6 +133,8 @@ __all__ = [
     "DasoTrainState",
     "DataParallelRunner",
     "MeshRunner",
+    "PipelineOptions",
+    "PipelineRunner",
     "ProcessPlan",
     "SingleDevice",
     "Watchdog",

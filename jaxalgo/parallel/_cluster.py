@@ -93,6 +93,13 @@ class ProcessPlan:
         return self.num_processes > 1
 
 
+def _coordinator(plan: ProcessPlan) -> str:
+    """The ``host:port`` of a multi-process plan (a plan of one process has none)."""
+    if plan.coordinator is None:
+        raise ValueError(f"coordinator: a plan of {plan.num_processes} processes needs host:port, got None")
+    return plan.coordinator
+
+
 def parse_coordinator(address: str, *, name: str = "coordinator") -> tuple[str, int]:
     """``"host:port"`` (or ``"[ipv6]:port"``) -> ``(host, port)``, refusing anything else in one line.
 
@@ -284,6 +291,8 @@ def slurm_plan(environ: Mapping[str, str] | None = None) -> ProcessPlan | None:
     if tasks is None or tasks < 2 or "SLURM_PROCID" not in environ:
         return None
     process_id = _env_int(environ, "SLURM_PROCID")
+    if process_id is None:
+        raise ValueError("SLURM_PROCID: set but empty; start the job with srun")
     job_id = _env_int(environ, "SLURM_JOB_ID") or _env_int(environ, "SLURM_JOBID")
     if job_id is None:
         raise ValueError("SLURM_JOB_ID: not set, but SLURM_NTASKS and SLURM_PROCID are; start the job with srun")
@@ -391,6 +400,7 @@ def resolve_processes(
                 f"{', '.join(missing)}: needed together with {', '.join(sorted(given))} (give all three, or start "
                 "the processes with srun or mpirun)"
             )
+        assert num_processes is not None and process_id is not None  # all three are given (checked above)
         plan = ProcessPlan("explicit", num_processes, process_id, coordinator)
     if not 0 <= plan.process_id < plan.num_processes:
         raise ValueError(f"process_id: must be in [0, {plan.num_processes}), got {plan.process_id}")
@@ -507,9 +517,9 @@ def _listen(port: int, address: str) -> socket.socket:
 
 def _host(plan: ProcessPlan, timeout: float, clock: Callable[[], float]) -> dict[int, _Link]:
     """Process 0: waits for every other process to check in, then tells them all to go (or who is missing)."""
-    _, port = parse_coordinator(plan.coordinator)
+    _, port = parse_coordinator(_coordinator(plan))
     deadline = clock() + timeout
-    server = _listen(port, plan.coordinator)
+    server = _listen(port, _coordinator(plan))
     peers: dict[int, _Link] = {}
     problem = None
     try:
@@ -568,7 +578,7 @@ def _host(plan: ProcessPlan, timeout: float, clock: Callable[[], float]) -> dict
 
 def _join(plan: ProcessPlan, timeout: float, clock: Callable[[], float]) -> dict[int, _Link]:
     """Process k > 0: checks in with process 0 and waits for the word to go."""
-    host, port = parse_coordinator(plan.coordinator)
+    host, port = parse_coordinator(_coordinator(plan))
     deadline = clock() + timeout
     while clock() < deadline:
         try:
@@ -826,7 +836,7 @@ def start_distributed(plan: ProcessPlan, *, init_timeout: float, peer_timeout: f
         raise ValueError(f"peer_timeout: must be > 0 seconds, got {peer_timeout}")
     started = time.monotonic()
     if meet:
-        check_resolvable(plan.coordinator)
+        check_resolvable(_coordinator(plan))
         rendezvous(plan, init_timeout)
     # Every process has checked in; jax's connect takes well under a second unless one dies right now.
     remaining = max(10.0, init_timeout - (time.monotonic() - started))
@@ -989,6 +999,7 @@ class _Supervisor:
                 link.send(**message)
 
     def _on_message(self, link: _Link, message: dict[str, Any]) -> None:
+        assert link.peer is not None  # the supervisor's links are registered under their peer
         self.heard[link.peer] = self.clock()
         if "exit" in message:
             report = message["exit"]
@@ -1008,6 +1019,7 @@ class _Supervisor:
             self._cause(int(lost["process"]), str(lost["reason"]), int(lost.get("priority", 0)))
 
     def _on_closed(self, link: _Link) -> None:
+        assert link.peer is not None  # the supervisor's links are registered under their peer
         self.links.pop(link.peer, None)
         link.close()
         if link.peer not in self.finished:
@@ -1163,7 +1175,7 @@ def run_supervised(plan: ProcessPlan, *, init_timeout: float, peer_timeout: floa
     """
     if not plan.multi_process:
         raise ValueError(f"plan: expected several processes, got num_processes={plan.num_processes}")
-    check_resolvable(plan.coordinator)
+    check_resolvable(_coordinator(plan))
     started = time.monotonic()
     links = rendezvous(plan, init_timeout, keep=True)
     remaining = init_timeout - (time.monotonic() - started)

@@ -210,7 +210,7 @@ def _requested_ops(stablehlo: str, total_devices: int) -> dict[tuple, list[tuple
 def _mesh_of(args: Any) -> Mesh | None:
     for leaf in jax.tree.leaves(args):
         sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, NamedSharding):
+        if isinstance(sharding, NamedSharding) and isinstance(sharding.mesh, Mesh):
             return sharding.mesh
     return None
 
@@ -259,6 +259,8 @@ def comm_report(
     total = int(np.prod(shape))
     requested = _requested_ops(lowered.as_text(), total)
     compiled_text = lowered.compile().as_text()
+    if compiled_text is None:
+        raise ValueError("fn: its compiled program has no HLO text to read the collectives from")
     out = []
     for line in compiled_text.splitlines():
         match = _HLO_OP.match(line)

@@ -202,6 +202,7 @@ class DasoRunner(MeshRunner):
 
     def _window_length(self, index: int) -> int:
         """``S + 1`` if step ``index`` is a send whose merge lies in the same epoch, else 1 (the schedule's view)."""
+        assert self._schedule is not None  # read from the state by after_step, before the first step
         return self.daso.window_length(
             index, steps_per_epoch=self._steps_per_epoch, total_epochs=self._epochs, schedule=self._schedule
         )
@@ -384,6 +385,7 @@ class MeshStrategy:
 
     single_device: ClassVar[bool] = False
     runner: ClassVar[type]
+    mesh: str  # the subclasses' dataclass field
 
     def __post_init__(self):
         check_fields(self)
@@ -405,7 +407,7 @@ class DDPOptions(MeshStrategy):
 
     Attributes:
       mesh: devices as NODESxLOCAL, e.g. 2x4 (empty: one node per process); ab: GROUPSxGROUP_SIZE (empty: two
-        groups).
+        groups); pipeline: the number of stages S, e.g. 4 (empty: 2, or 1 with a single device or block).
       reduce: what is all-reduced: auto (only the k directional derivatives for weight-perturbation forward
         gradients, else the gradients), directional or gradients.
     """

@@ -99,10 +99,10 @@ def install(
 ) -> ABTrainState:
     """Factors cut to ``ranks`` and stored at ``sizes``; their moments sliced or zero-padded to ``sizes`` (jit it
     with ``sizes`` static)."""
-    sizes = dict(sizes)
+    size_of = dict(sizes)
     factors = {}
     for layer in layout.layers:
-        name, size = layer.name, sizes[layer.name]
+        name, size = layer.name, size_of[layer.name]
         keep = jnp.arange(size) < ranks[name]
         a = resized(full_a[name], 2, size) * keep[None, None, :]
         b = resized(full_b[name], 1, size) * keep[None, :, None]
@@ -111,8 +111,8 @@ def install(
         "params": jax.tree.map(lambda _: lambda x: x, state.train["params"]),
         "factors": {
             x.name: {
-                "A": functools.partial(resized, axis=2, size=sizes[x.name]),
-                "B": functools.partial(resized, axis=1, size=sizes[x.name]),
+                "A": functools.partial(resized, axis=2, size=size_of[x.name]),
+                "B": functools.partial(resized, axis=1, size=size_of[x.name]),
             }
             for x in layout.layers
         },

@@ -86,8 +86,8 @@ def group_gradients(layout: Layout, train: Any, grads: Any, a_group: jax.Array) 
     packed = mean_over(jnp.concatenate([head, shared_flat.astype(head.dtype)]), DP_AXIS)
     head, shared_flat = packed[: head.size], packed[head.size :].astype(shared_flat.dtype)
     shared = iter(unravel_shared(shared_flat))
-    params_grads = treedef.unflatten(
-        [next(shared) if m else jnp.zeros(x.shape, x.dtype) for x, m in zip(leaves, shared_mask, strict=True)]
+    params_grads = jax.tree.unflatten(
+        treedef, [next(shared) if m else jnp.zeros(x.shape, x.dtype) for x, m in zip(leaves, shared_mask, strict=True)]
     )
     g_b = unravel_b(resized(head, 0, flat_b.size))
     zeros = lambda x: jnp.zeros(x.shape, x.dtype)
