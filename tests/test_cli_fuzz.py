@@ -19,7 +19,7 @@ import pytest
 from jaxalgo import cli
 
 SEEDS = range(4)
-PER_SEED = 50  # 200 combinations in all
+PER_SEED = 30  # 120 combinations in all
 TIME_LIMIT = 120  # seconds per combination
 
 DATA = ["--dataset", "tests._user_plugins:blobs", "--batch-size", "384", "--epochs", "1", "--quiet"]  # 1 step
