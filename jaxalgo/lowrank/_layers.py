@@ -179,7 +179,7 @@ def _set(node: Any, key: Any, value: Any) -> None:
 
 
 def _merge_block(fn: ChainFn, index: int, block_params: dict) -> nnx.Module:
-    if not isinstance(fn, ChainFn):
+    if not hasattr(fn, "graphdefs"):  # a ChainFn, or a wrapper of one (with_compute_dtype)
         raise TypeError(
             f"fn: low-rank training factorises the nnx.Linear, nnx.LinearGeneral and nnx.Conv layers of a chain of "
             f"flax nnx modules (a jaxalgo.models.ChainFn: split_chain(Chain(your modules))); got "
