@@ -63,6 +63,7 @@ from jaxalgo.grads import _f3 as f3_maths
 from jaxalgo.parallel._mesh import place, replicate
 from jaxalgo.parallel.pipeline._layout import STAGE_AXIS, Packing, StageLayout, pack_rows, split_stages, unpack_rows
 from jaxalgo.parallel.pipeline._stages import (
+    check_batch_rows,
     check_positive_int,
     local,
     num_stages_of,
@@ -233,12 +234,10 @@ class FeedbackPipeline:
         """The placed state at ``params`` (one pytree per block) with the feedback matrices (and F3's buffer) of
         ``estimator_state`` (default: the single-device estimator's ``init(params)``, so both draw the same)."""
         params = tuple(params)
-        if len(params) != self.layout.chain.num_blocks:
-            raise ValueError(f"params: got {len(params)} blocks, the chain has {self.layout.chain.num_blocks}")
+        packed = self.layout.pack_params(params)  # checks the number of blocks first
         if estimator_state is None:
             estimator_state = self.estimator.init(params)
         f3_maths._check_state(self.spec, estimator_state)
-        packed = self.layout.pack_params(params)
         fb_packings = self._feedback_packings(estimator_state.feedback)
         feedback = jnp.stack(
             [p.pack(self._stage_feedback(estimator_state.feedback, s)) for s, p in enumerate(fb_packings)]
@@ -399,14 +398,8 @@ class FeedbackPipeline:
 
     def check_batch(self, batch: Any) -> None:
         """Raises ValueError unless ``batch`` holds ``M * b`` examples (and ``idx`` for F3)."""
-        if not isinstance(batch, dict) or "x" not in batch or "y" not in batch:
-            raise ValueError("batch: expected a dict with keys 'x' and 'y' (and 'idx' for F3's delayed error)")
-        rows = int(np.shape(batch["x"])[0])
-        if rows != self.batch_size:
-            raise ValueError(
-                f"batch: holds {rows} examples; this pipeline runs {self.num_microbatches} microbatches of "
-                f"{self.microbatch_size}, i.e. batches of exactly {self.batch_size}"
-            )
+        keys = "'x' and 'y' (and 'idx' for F3's delayed error)"
+        check_batch_rows(batch, self.num_microbatches, self.microbatch_size, keys=keys)
         if self.delayed:
             f3_maths._check_batch(batch, num_train=self.num_train)
 

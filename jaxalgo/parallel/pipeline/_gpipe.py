@@ -41,6 +41,7 @@ from jaxalgo.grads import _f3 as f3_maths
 from jaxalgo.parallel._mesh import place, replicate
 from jaxalgo.parallel.pipeline._layout import STAGE_AXIS, StageLayout, pack_rows, split_stages, unpack_rows
 from jaxalgo.parallel.pipeline._stages import (
+    check_batch_rows,
     check_positive_int,
     local,
     num_stages_of,
@@ -116,9 +117,6 @@ class GPipe:
 
     def init(self, params: Sequence[Any]) -> GPipeState:
         """The placed state at ``params`` (one pytree per block)."""
-        params = tuple(params)
-        if len(params) != self.layout.chain.num_blocks:
-            raise ValueError(f"params: got {len(params)} blocks, the chain has {self.layout.chain.num_blocks}")
         packed = self.layout.pack_params(params)
         opt_state = jax.vmap(self.optimizer.init)(packed)
         packed, opt_state = place((packed, opt_state), self.mesh, P(STAGE_AXIS))
@@ -260,14 +258,7 @@ class GPipe:
 
     def check_batch(self, batch: Any) -> None:
         """Raises ValueError unless ``batch`` is a dict with ``x`` and ``y`` of ``M * b`` examples."""
-        if not isinstance(batch, dict) or "x" not in batch or "y" not in batch:
-            raise ValueError("batch: expected a dict with keys 'x' and 'y'")
-        rows = int(np.shape(batch["x"])[0])
-        if rows != self.batch_size:
-            raise ValueError(
-                f"batch: holds {rows} examples; this pipeline runs {self.num_microbatches} microbatches of "
-                f"{self.microbatch_size}, i.e. batches of exactly {self.batch_size}"
-            )
+        check_batch_rows(batch, self.num_microbatches, self.microbatch_size, keys="'x' and 'y'")
 
     def place_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The batch replicated on the stages (stage 0 reads ``x``, the last stage ``y``)."""

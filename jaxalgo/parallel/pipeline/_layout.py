@@ -283,6 +283,9 @@ class StageLayout:
 
     def pack_params(self, params: Sequence[Any]) -> jax.Array:
         """``[S, P_max]``: row ``s`` holds stage ``s``'s blocks' parameters."""
+        params = tuple(params)
+        if len(params) != self.chain.num_blocks:
+            raise ValueError(f"params: got {len(params)} blocks, the chain has {self.chain.num_blocks}")
         rows = [p.pack(tuple(params[a:b])) for p, (a, b) in zip(self.packings, self.split.bounds, strict=True)]
         return jnp.stack(rows)
 

@@ -61,6 +61,19 @@ def check_microbatches(batch_size: int, num_microbatches: int) -> int:
     return batch_size // num_microbatches
 
 
+def check_batch_rows(batch: Any, num_microbatches: int, microbatch_size: int, *, keys: str) -> None:
+    """Raises ValueError unless ``batch`` is a dict with ``x`` and ``y`` and ``M * b`` rows (``keys`` says which
+    keys the pipeline reads, for the message)."""
+    if not isinstance(batch, dict) or "x" not in batch or "y" not in batch:
+        raise ValueError(f"batch: expected a dict with keys {keys}")
+    rows, batch_size = int(np.shape(batch["x"])[0]), num_microbatches * microbatch_size
+    if rows != batch_size:
+        raise ValueError(
+            f"batch: holds {rows} examples; this pipeline runs {num_microbatches} microbatches of "
+            f"{microbatch_size}, i.e. batches of exactly {batch_size}"
+        )
+
+
 def local(tree: Any) -> Any:
     """Inside ``shard_map``: every leaf without its leading stage axis (of length 1 on each device)."""
     return jax.tree.map(lambda a: a[0], tree)
