@@ -244,20 +244,26 @@ def _sweep_plan(args: argparse.Namespace) -> tuple[RunConfig, str, tuple[float, 
     return config, option, values, fraction, mode
 
 
+def _start_failed(error: Exception) -> int:
+    """One line for a failure before any work, and its exit status: 69 when the processes did not all connect
+    (ClusterError), else 2."""
+    print(f"jaxalgo: error: {error}", file=sys.stderr)
+    return PEER_LOST_EXIT_STATUS if isinstance(error, ClusterError) else 2
+
+
+def _new_workdir(*names: str) -> str:
+    """``runs/<time>-<names joined by ->`` (the ``:`` of a module:function name made a ``.``)."""
+    return os.path.join("runs", "-".join((time.strftime("%Y%m%d-%H%M%S"), *names)).replace(":", "."))
+
+
 def _sweep(args: argparse.Namespace) -> int:
     """``jaxalgo sweep``: the closing table and the chosen value's command, or one line and exit status 2."""
     try:
         config, option, values, fraction, mode = _sweep_plan(args)
         _start_devices(args, config)
-    except ValueError as error:
-        print(f"jaxalgo: error: {error}", file=sys.stderr)
-        return 2
-    except ClusterError as error:
-        print(f"jaxalgo: error: {error}", file=sys.stderr)
-        return PEER_LOST_EXIT_STATUS
-    workdir = args.workdir or os.path.join(
-        "runs", f"{time.strftime('%Y%m%d-%H%M%S')}-sweep-{option}-{config.estimator.name}".replace(":", ".")
-    )
+    except (ValueError, ClusterError) as error:
+        return _start_failed(error)
+    workdir = args.workdir or _new_workdir("sweep", option, config.estimator.name)
     try:
         result = run_sweep(config, option, values, workdir, val_fraction=fraction, mode=mode, resume=args.resume)
     except (ValueError, TypeError, OSError) as error:
@@ -338,18 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         _start_devices(args, config)
-    except ValueError as error:
-        print(f"jaxalgo: error: {error}", file=sys.stderr)
-        return 2
-    except ClusterError as error:
-        print(f"jaxalgo: error: {error}", file=sys.stderr)
-        return PEER_LOST_EXIT_STATUS
-    workdir = args.workdir or os.path.join(
-        "runs",
-        f"{time.strftime('%Y%m%d-%H%M%S')}-{config.model.name}-{config.dataset}-{config.estimator.name}".replace(
-            ":", "."
-        ),
-    )
+    except (ValueError, ClusterError) as error:
+        return _start_failed(error)
+    workdir = args.workdir or _new_workdir(config.model.name, config.dataset, config.estimator.name)
     try:
         train_and_evaluate(config, workdir, resume=args.resume)
     except NonFiniteLossError as error:
