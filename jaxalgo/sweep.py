@@ -64,6 +64,7 @@ from jaxalgo.config import FAMILY_NAMES, RunConfig
 from jaxalgo.data._split import split_indices
 from jaxalgo.options import errors_as_flags
 from jaxalgo.runner import Experiment, Runner, SingleDeviceRunner, TrainState, make_evaluate, make_train_step, run_keys
+from jaxalgo.tensorboard_log import is_epoch_line
 from jaxalgo.train import CHECKPOINT_DIR, METRICS_FILE, make_runner, setup
 from jaxalgo.workdir import WorkdirLock, write_metrics
 
@@ -566,7 +567,7 @@ def _start(
         return fresh, empty, 0.0, False
     step, state, record = restored
     histories = [list(h) for h in record["metrics"]]
-    done = max((line["epoch"] for line in histories[0] if "epoch" in line and not line.get("final")), default=0)
+    done = max((line["epoch"] for line in histories[0] if is_epoch_line(line)), default=0)
     if step > experiment.total_steps:
         raise ValueError(
             f"epochs: {config.epochs} is fewer than the {done} epochs (step {step}) the sweep's checkpoint has done; "
@@ -784,7 +785,7 @@ def read_sweep(workdir: str | os.PathLike) -> dict[str, Any]:
 
 def _result(configs, option, values, mode, reason, histories, paths, workdir, states) -> SweepResult:
     finals = [next(line for line in reversed(h) if line.get("final")) for h in histories]
-    epochs = [[line for line in h if "epoch" in line and not line.get("final")][-1] for h in histories]
+    epochs = [[line for line in h if is_epoch_line(line)][-1] for h in histories]
     metric = "val_accuracy" if "val_accuracy" in finals[0] else "val_mae"
     rows = tuple(
         {

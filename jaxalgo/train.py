@@ -452,7 +452,7 @@ def _initial_state(
     assert restored is not None  # a checkpoint exists (latest above); one that does not verify raises
     step, state, record = restored
     history = _history_of(record, metrics_path, step)
-    done = max((line["epoch"] for line in history if "epoch" in line and not line.get("final")), default=0)
+    done = max((line["epoch"] for line in history if is_epoch_line(line)), default=0)
     if step > experiment.total_steps:
         raise ValueError(
             f"epochs: {config.epochs} is fewer than the {done} epochs (step {step}) the checkpoint in "
