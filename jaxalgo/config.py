@@ -266,12 +266,12 @@ def _check_choice(family: Family, choice: Choice) -> None:
 
 def _check_core(config: RunConfig) -> None:
     """The core fields' types and ranges; raises ValueError naming the field."""
-    # The loss first, so that an unknown one is reported as such (check_fields would word it generically).
     if ":" in config.dataset and config.standardize != "channel":
         raise ValueError(
             f"standardize: got {config.standardize!r} for the user loader {config.dataset!r}, which standardises "
             "its own data; allowed: channel (the default)"
         )
+    # The loss before check_fields, so that an unknown one is reported as such (check_fields words it generically).
     if config.loss != "auto" and config.loss not in losses.LOSSES:
         raise ValueError(f"loss: unknown loss {config.loss!r}; allowed: auto, {', '.join(losses.LOSSES)}")
     check_fields(config)
