@@ -1,5 +1,6 @@
 """Sphinx configuration of jaxalgo's documentation (build: see docs/README.md)."""
 
+import importlib.util
 import inspect
 import os
 import re
@@ -60,6 +61,14 @@ html_theme_options = {
 }
 html_static_path = ["_static"]
 html_css_files = ["jaxalgo.css"]
+
+# MathJax is served from the built site, not from a CDN, so the maths typesets offline (a cluster's login node, a
+# laptop on a train): the MathJax 3 files of the sphinx-mathjax-offline package land in _static/mathjax.
+_mathjax = importlib.util.find_spec("sphinx-mathjax-offline")
+if _mathjax is None or _mathjax.origin is None:
+    raise RuntimeError("the docs build needs sphinx-mathjax-offline: pip install -e '.[docs]'")
+html_static_path.append(os.path.join(os.path.dirname(_mathjax.origin), "static"))
+mathjax_path = "mathjax/tex-chtml.js"
 
 # Cross-references: a broken reference to a jaxalgo object is an error (with -W); objects of other libraries are
 # not linked (no inventories are fetched: the build needs no network), so their names are exempt.

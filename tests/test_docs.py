@@ -107,6 +107,19 @@ def test_built_inventory_has_every_public_name():
     assert not missing, f"in docs/api but not in the built inventory: {missing}"
 
 
+def test_built_pages_typeset_maths_from_the_site_itself():
+    """MathJax comes with the built site (no CDN): the pages with maths load it from _static, where it is."""
+    html = ROOT / "docs" / "_build" / "html"
+    page = html / "algorithms" / "forward_gradients.html"
+    if not page.exists() or page.stat().st_mtime < (ROOT / "docs" / "conf.py").stat().st_mtime:
+        pytest.skip("no docs build newer than docs/conf.py (python -m sphinx -W -b html docs docs/_build/html)")
+    scripts = re.findall(r'<script[^>]*src="([^"]*mathjax[^"]*)"', page.read_text())
+    assert scripts, "the forward-gradient page loads no MathJax"
+    for src in scripts:
+        assert "://" not in src, f"MathJax from another site: {src}"
+        assert (page.parent / src.split("?")[0]).resolve().is_file(), src
+
+
 def test_ci_command_executes_the_notebooks_once():
     """The README's test command (run verbatim by .ci/run) builds the docs with warnings as errors before pytest,
     and pytest no longer executes the notebooks (the docs build does, and fails on a failing cell)."""
