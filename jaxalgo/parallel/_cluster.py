@@ -876,14 +876,17 @@ _NATIVE_LINE = re.compile(
     rb"|    @ +0x|\[enforce fail)"
 )
 _FATAL_LINE = re.compile(rb"^\r?(?:F\d{4} |\*\*\* Check failure|terminate called )")
+# The first line of a Python traceback: a worker whose collective failed because a peer died raises (gloo's
+# "Connection closed by peer") and prints one, a moment before its supervisor hears of the lost peer.
+_TRACEBACK_LINE = re.compile(rb"^\r?Traceback \(most recent call last\):")
 
 
 class _StderrRelay:
     """Copies a worker's stderr to this process's stderr, holding native (C++) output back for a moment.
 
-    A native log or crash line, and whatever follows it, waits up to ``hold`` seconds (a fatal one: until the worker
-    ends), so that the crash output of a worker that died only because a peer was lost can be dropped; everything
-    else passes at once, progress bars (which end in a carriage return) included.
+    A native log or crash line or a Python traceback, and whatever follows it, waits up to ``hold`` seconds (a fatal
+    one: until the worker ends), so that the crash output of a worker that died only because a peer was lost can be
+    dropped; everything else passes at once, progress bars (which end in a carriage return) included.
     """
 
     def __init__(self, out_fd: int = 2, *, hold: float = 2.0, clock: Callable[[], float] = time.monotonic):
@@ -911,7 +914,7 @@ class _StderrRelay:
             self.partial_since = None
         for line in lines:
             line += b"\n"
-            if self.held or _NATIVE_LINE.match(line):
+            if self.held or _NATIVE_LINE.match(line) or _TRACEBACK_LINE.match(line):
                 if not self.held:
                     self.since = self.clock()
                 self.held.append(line)
@@ -957,10 +960,11 @@ class _Supervisor:
     The links carry heartbeats and one report per process whose worker ended (``exit``: its status or the signal
     that killed it); process 0 relays every report to the others and announces what it alone can see (``lost``: a
     link that closed without a report, or fell silent for ``peer_timeout``). When another process is lost, the
-    worker is killed and one line names the lost process (:data:`PEER_LOST_EXIT_STATUS`). When the worker itself is
-    killed by a signal, the supervisor waits a moment for news of a lost peer (a worker dies from C++, SIGABRT, when
-    a collective or jax's coordination service loses a peer): with such news it reports the peer, without it the
-    worker's own crash and ``128 + signal``.
+    worker is killed and one line names the lost process (:data:`PEER_LOST_EXIT_STATUS`). When the worker itself
+    fails, killed by a signal or ended by an exception, the supervisor waits a moment for news of a lost peer (a
+    worker dies from C++, SIGABRT, when a collective or jax's coordination service loses a peer, or raises from a
+    gloo collective whose peer has gone): with such news it reports the peer, without it the worker's own output and
+    its status (``128 + signal`` for a signal).
     """
 
     SETTLE = 0.5  # seconds to wait, after a first cause, for a likelier root cause (a kill before an abort)
@@ -1090,10 +1094,12 @@ class _Supervisor:
             _write_line(self._lost_line(process, reason))
             return PEER_LOST_EXIT_STATUS
         code, signame, raw = self.child_result
-        if signame is None:  # the worker ended by itself: its output and its status stand
+        if signame is None and code == 0:  # the worker finished: its output and its status stand
             self._drain_stderr()
             self.relay.release()
             return code
+        # The worker failed, by an exception (a collective whose peer died raises) or a signal: a lost peer explains
+        # it when news of one arrives within a moment; without such news the worker's own output and status stand.
         if settled:
             process, reason = self._report_stop()
             self._drain_stderr()
@@ -1105,6 +1111,8 @@ class _Supervisor:
         self._drain_stderr()
         crash_output = bool(self.relay.held)
         self.relay.release()
+        if signame is None:
+            return code
         _write_line(f"jaxalgo: error: process {self.me} was killed by {signame}{' (see above)' * crash_output}")
         return 128 - raw
 
@@ -1129,7 +1137,8 @@ class _Supervisor:
                     selector.unregister(key.data.sock)
                     self._on_closed(key.data)
             now = self.clock()
-            self.relay.tick()
+            if self.child_result is None:  # once the worker has ended, _decide lets its held output through or not
+                self.relay.tick()
             if now >= next_beat:
                 self._broadcast(beat=True)
                 next_beat = now + self.interval
