@@ -1,5 +1,19 @@
-"""Test configuration: 8 simulated CPU devices; warnings are errors (see pyproject.toml)."""
+"""Test configuration: 8 simulated CPU devices; warnings are errors (see pyproject.toml).
 
-import jax
+JAX's persistent compilation cache is on for the whole run, subprocesses included (they inherit the environment):
+many tests compile the same programs (the command line's default run, the same estimator on the same model), and a
+program compiled once is then loaded, not compiled again. The cached executable is the one the compiler made, so no
+result changes; set ``JAX_COMPILATION_CACHE_DIR`` to use another directory.
+"""
+
+import os
+import pathlib
+
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", str(pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax_compilation")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+import jax  # after the cache's environment, which jax reads when it starts
 
 jax.config.update("jax_num_cpu_devices", 8)
