@@ -89,10 +89,48 @@ def combination_coefficients(aggregation: str, directional: jax.Array, gram: jax
         return d / d.shape[0]
     if gram is None:
         raise ValueError("gram: the orthogonal projection needs the Gram matrix V V^T of the tangents")
-    gram = gram.astype(dtype)
+    return _projection_solve(gram.astype(dtype), d)
+
+
+@jax.custom_jvp
+def _projection_solve(gram: jax.Array, d: jax.Array) -> jax.Array:
+    """``G^{-1} d`` (the pseudo-inverse where ``G`` is numerically singular), differentiable in both arguments."""
+    return _solve_one_by_one(gram, d)
+
+
+@_projection_solve.defjvp
+def _projection_solve_jvp(primals, tangents):
+    """``c = G^{-1} d`` gives ``dc = G^{-1} (dd - dG c)``, written with plain, transposable operations so that
+    reverse mode works too (exact where ``G`` is invertible; with the pseudo-inverse where it is not)."""
+    (gram, d), (d_gram, d_d) = primals, tangents
+    c = _projection_solve(gram, d)
+    rhs = d_d - jnp.tensordot(d_gram, c, axes=1)
+    factor = jax.scipy.linalg.cho_factor(gram, lower=True)
+    invertible = jnp.all(jnp.isfinite(factor[0]))  # of the primal only: the tangent map stays linear
+    pseudo = jnp.tensordot(jnp.linalg.pinv(gram, hermitian=True), rhs, axes=1)
+    return c, jnp.where(invertible, jax.scipy.linalg.cho_solve(factor, rhs), pseudo)
+
+
+@jax.custom_batching.custom_vmap
+def _solve_one_by_one(gram: jax.Array, d: jax.Array) -> jax.Array:
+    """``G^{-1} d`` by Cholesky; only where that breaks down, the pseudo-inverse (``lax.cond``: not computed else)."""
     factor = jax.scipy.linalg.cho_factor(gram, lower=True)
     solution = jax.scipy.linalg.cho_solve(factor, d)
-    return jnp.where(jnp.all(jnp.isfinite(solution)), solution, _pseudo_solve(gram, d))
+    return jax.lax.cond(jnp.all(jnp.isfinite(solution)), lambda: solution, lambda: _pseudo_solve(gram, d))
+
+
+@_solve_one_by_one.def_vmap
+def _solve_one_by_one_batched(axis_size: int, in_batched: list[bool], gram: jax.Array, d: jax.Array):
+    """Under ``vmap`` (a sweep's lanes, a user's batch of runs) one solve after another, each with its own
+    ``lax.cond``. A batched ``cond`` would compute both branches, and jaxlib's batched symmetric eigensolver on CPU
+    splits its batch over the same thread pool that runs the program's other kernels: with two of them in flight
+    on two cores, each waits for the other's pool threads, for ever (seen with FROG at 64 tangents in a sweep of
+    4 or more learning rates)."""
+    gram, d = (
+        x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+        for x, batched in zip((gram, d), in_batched, strict=True)
+    )
+    return jax.lax.map(lambda pair: _solve_one_by_one(*pair), (gram, d)), True
 
 
 def _pseudo_solve(gram: jax.Array, d: jax.Array) -> jax.Array:
