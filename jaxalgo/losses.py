@@ -14,11 +14,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxalgo.data._dataset import Task
+
 OutputLoss = Callable[[jax.Array, jax.Array], jax.Array]
 
 LossName = Literal["cross_entropy", "sigmoid_bce", "mse"]
 """The names of the output losses (the run configuration's ``loss``, besides ``"auto"``)."""
-LOSSES: tuple[str, ...] = typing.get_args(LossName)
+LOSSES: tuple[LossName, ...] = typing.get_args(LossName)
 
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -40,7 +42,7 @@ def mse(outputs: jax.Array, targets: jax.Array) -> jax.Array:
     return 0.5 * jnp.sum((outputs - targets) ** 2, axis=-1).mean()
 
 
-def get_loss(name: str) -> OutputLoss:
+def get_loss(name: LossName) -> OutputLoss:
     """The output loss called ``name`` (one of :data:`LOSSES`)."""
     table = {"cross_entropy": softmax_cross_entropy, "sigmoid_bce": sigmoid_bce, "mse": mse}
     if name not in table:
@@ -48,7 +50,7 @@ def get_loss(name: str) -> OutputLoss:
     return table[name]
 
 
-def default_loss(task: str) -> str:
+def default_loss(task: Task) -> LossName:
     """Cross-entropy for classification, MSE for regression."""
     return "cross_entropy" if task == "classification" else "mse"
 

@@ -135,7 +135,7 @@ def check_memory(config: RunConfig, build: Any) -> None:
     )
 
 
-def _output_loss(config: RunConfig, dataset: data.Dataset) -> tuple[str, losses.OutputLoss]:
+def _output_loss(config: RunConfig, dataset: data.Dataset) -> tuple[losses.LossName, losses.OutputLoss]:
     loss_name = losses.default_loss(dataset.task) if config.loss == "auto" else config.loss
     if dataset.task == "regression" and loss_name != "mse":
         raise ValueError(f"loss: {loss_name!r} is a classification loss; dataset {dataset.name!r} is regression")

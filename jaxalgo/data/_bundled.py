@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxalgo.data._dataset import Dataset
-from jaxalgo.data._split import apply_standardiser, fit_standardiser, split_indices, standardizer_axes
+from jaxalgo.data._dataset import Dataset, Task
+from jaxalgo.data._split import Standardize, apply_standardiser, fit_standardiser, split_indices, standardizer_axes
 
 # Shape of the synthetic regression task (see :func:`synthetic_regression_arrays`).
 SYNTHETIC_NUM_EXAMPLES = 4000
@@ -59,7 +59,7 @@ def raw_arrays(name: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(f"name: {name!r} is not a bundled data set")
 
 
-_TASKS = {
+_TASKS: dict[str, tuple[Task, int]] = {
     "digits": ("classification", 10),
     "breast_cancer": ("classification", 2),
     "diabetes": ("regression", 1),
@@ -68,7 +68,7 @@ _TASKS = {
 BUNDLED: tuple[str, ...] = tuple(_TASKS)
 
 
-def load_bundled(name: str, *, seed: int, test_fraction: float, standardize: str = "channel") -> Dataset:
+def load_bundled(name: str, *, seed: int, test_fraction: float, standardize: Standardize = "channel") -> Dataset:
     """Splits a bundled data set and standardises it with statistics of the train split only.
 
     Inputs are standardised as ``standardize`` says (:data:`jaxalgo.data._split.STANDARDIZE`; ``channel`` is

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
+from typing import Literal
 
 import numpy as np
 
-TASKS: tuple[str, ...] = ("classification", "regression")
+Task = Literal["classification", "regression"]
+"""What a data set's targets are: class labels, or real-valued regression targets."""
+TASKS: tuple[Task, ...] = typing.get_args(Task)
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
@@ -30,7 +34,7 @@ class Dataset:
     """
 
     name: str
-    task: str
+    task: Task
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray

@@ -10,6 +10,7 @@ from jaxalgo.data._checks import check_seed
 from jaxalgo.data._dataset import Dataset
 from jaxalgo.data._mnist1d import MNIST1D_NUM_CLASSES, mnist1d_arrays
 from jaxalgo.data._split import (
+    Standardize,
     apply_standardiser,
     check_standardize,
     check_test_fraction,
@@ -30,7 +31,7 @@ def load_dataset(
     data_dir: str | os.PathLike | None = None,
     seed: int = 0,
     test_fraction: float = 0.2,
-    standardize: str = "channel",
+    standardize: Standardize = "channel",
 ) -> Dataset:
     """Loads a data set as a standardised train/test :class:`Dataset`.
 
@@ -127,7 +128,7 @@ def load_dataset(
     )
 
 
-def _mnist1d(data_dir: str | os.PathLike | None, standardize: str) -> Dataset:
+def _mnist1d(data_dir: str | os.PathLike | None, standardize: Standardize) -> Dataset:
     """The paper's MNIST-1D as ``(N, 40, 1)`` signals, standardised with the train split's statistics."""
     if data_dir is not None:
         _files.check_data_dir(data_dir, "mnist1d", "the mnist1d cache (any writable directory)")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numbers
+import typing
+from typing import Literal
 
 import numpy as np
 
@@ -66,20 +68,22 @@ def split_indices(
     return train_idx, test_idx
 
 
-STANDARDIZE: tuple[str, ...] = ("channel", "feature", "global")
+Standardize = Literal["channel", "feature", "global"]
+"""The ways of standardising inputs (the ``standardize`` argument; see :data:`STANDARDIZE`)."""
+STANDARDIZE: tuple[Standardize, ...] = typing.get_args(Standardize)
 """How inputs are standardised: ``channel``: one mean / std per channel (the last axis), which is per feature
 for tables ``(N, F)`` and one global pair for one-channel signals and images; ``feature``: one pair per input
 element (per pixel of an image); ``global``: one pair over every element."""
 
 
-def check_standardize(standardize: str) -> str:
+def check_standardize(standardize: Standardize) -> Standardize:
     """Returns ``standardize`` if it is one of :data:`STANDARDIZE`, else raises naming the argument."""
     if not isinstance(standardize, str) or standardize not in STANDARDIZE:
         raise ValueError(f"standardize: got {standardize!r}; allowed: {', '.join(STANDARDIZE)}")
     return standardize
 
 
-def standardizer_axes(standardize: str, ndim: int) -> tuple[int, ...]:
+def standardizer_axes(standardize: Standardize, ndim: int) -> tuple[int, ...]:
     """The axes of ``(N, *input_shape)`` inputs (``ndim`` axes) that one mean / std is taken over.
 
     ``channel``: every axis but the last; ``feature``: the batch axis only; ``global``: every axis.
@@ -154,7 +158,7 @@ def uint8_feature_stats(images: np.ndarray, chunk: int = 4096) -> tuple[np.ndarr
 
 
 def standardise_uint8_images(
-    train: np.ndarray, test: np.ndarray, standardize: str = "channel"
+    train: np.ndarray, test: np.ndarray, standardize: Standardize = "channel"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Standardises uint8 NHWC images with the train split's statistics (see :data:`STANDARDIZE`), giving
     float32."""
