@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,10 @@ from jaxalgo.models import ChainFn, ChainParams, with_precision_of
 
 U_NAME, S_NAME, V_NAME = "U", "S", "V"
 FROZEN_NAMES = frozenset({U_NAME, V_NAME})
+
+DenseKind = Literal["linear", "linear_general"]
+"""The dense flax layer a :class:`LowRankDense` replaced (``nnx.Linear`` or ``nnx.LinearGeneral``)."""
+DENSE_KINDS: tuple[DenseKind, ...] = typing.get_args(DenseKind)
 
 
 class LowRankDense(nnx.Module):
@@ -64,10 +69,12 @@ class LowRankDense(nnx.Module):
         *,
         in_shape: Sequence[int],
         out_shape: Sequence[int],
-        kind: str = "linear",
+        kind: DenseKind = "linear",
         precision: Any = None,
         freeze_bases: bool = True,
     ):
+        if kind not in DENSE_KINDS:
+            raise ValueError(f"kind: unknown layer kind {kind!r}; allowed: {', '.join(DENSE_KINDS)}")
         u, s, v = factors
         if u.ndim != 2 or s.ndim != 2 or v.ndim != 2 or s.shape != (u.shape[1], v.shape[1]):
             raise ValueError(f"factors: need U (m, r), S (r, r), V (n, r); got {u.shape}, {s.shape}, {v.shape}")
@@ -141,7 +148,7 @@ _FACTORABLE = (nnx.Linear, nnx.LinearGeneral, nnx.Conv)
 """The flax layers OIALR factorises (a convolution only when :func:`~jaxalgo.lowrank._conv.conv_view` accepts it)."""
 
 
-def _layer_view(module: nnx.Module) -> tuple[str, tuple[int, ...], tuple[int, ...]] | None:
+def _layer_view(module: nnx.Module) -> tuple[Literal[DenseKind, "conv"], tuple[int, ...], tuple[int, ...]] | None:
     """``(kind, in_shape, out_shape)`` of a module that can be factorised, or ``None``.
 
     ``kind`` is ``"linear"``, ``"linear_general"`` or ``"conv"`` (``in_shape = (*window, c_in)``).
@@ -289,7 +296,8 @@ def factorize_chain(
             )
         if (rank, size) != (info.full_rank, info.full_rank):
             factors = _padded(factors, rank, size)
-        if isinstance(node, nnx.Conv):  # kind == "conv"
+        if kind == "conv":
+            assert isinstance(node, nnx.Conv)  # conv_view accepts convolutions only
             modules[info.block] = _replace(module, info.path, LowRankConv.from_conv(node, factors))
             continue
         bias = None if node.bias is None else node.bias[...]

@@ -8,21 +8,25 @@ from __future__ import annotations
 
 import functools
 import math
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 
 Activation = Callable[[jax.Array], jax.Array]
+ActivationName = Literal["relu", "tanh", "gelu", "gelu_tanh", "sigmoid", "silu", "elu", "leaky_relu", "identity"]
+"""The names of :data:`ACTIVATIONS` (a block's ``activation``)."""
+ACTIVATION_NAMES: tuple[ActivationName, ...] = typing.get_args(ActivationName)
 
 
 def _identity(x: jax.Array) -> jax.Array:
     return x
 
 
-ACTIVATIONS: Mapping[str, Activation] = MappingProxyType(
+ACTIVATIONS: Mapping[ActivationName, Activation] = MappingProxyType(
     {
         "relu": jax.nn.relu,
         "tanh": jnp.tanh,
@@ -37,12 +41,13 @@ ACTIVATIONS: Mapping[str, Activation] = MappingProxyType(
     }
 )
 """Activation functions by name (read-only). Blocks store the name, so graph definitions compare equal."""
+assert tuple(ACTIVATIONS) == ACTIVATION_NAMES
 
 
-def check_activation(activation: Any, *, argument: str = "activation") -> str:
+def check_activation(activation: ActivationName, *, argument: str = "activation") -> ActivationName:
     """Returns ``activation`` if it names an entry of :data:`ACTIVATIONS`, else raises."""
-    if not isinstance(activation, str) or activation not in ACTIVATIONS:
-        raise ValueError(f"{argument}: got {activation!r}; allowed: {', '.join(sorted(ACTIVATIONS))}")
+    if not isinstance(activation, str) or activation not in ACTIVATION_NAMES:
+        raise ValueError(f"{argument}: got {activation!r}; allowed: {', '.join(sorted(ACTIVATION_NAMES))}")
     return activation
 
 

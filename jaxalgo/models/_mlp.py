@@ -10,6 +10,7 @@ from flax import nnx
 from jaxalgo.models._chain import Chain
 from jaxalgo.models._common import (
     ACTIVATIONS,
+    ActivationName,
     check_activation,
     check_input_shape,
     check_int_sequence,
@@ -29,7 +30,9 @@ class DenseBlock(nnx.Module):
       rngs: the random streams for the initialisation.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, activation: str, flatten: bool = False, rngs: nnx.Rngs):
+    def __init__(
+        self, in_features: int, out_features: int, *, activation: ActivationName, flatten: bool = False, rngs: nnx.Rngs
+    ):
         self.linear = nnx.Linear(in_features, out_features, rngs=rngs)
         self.activation = check_activation(activation)
         self.flatten = flatten
@@ -45,7 +48,7 @@ def mlp(
     num_outputs: int,
     *,
     hidden: Sequence[int] = (256, 256),
-    activation: str = "relu",
+    activation: ActivationName = "relu",
     key: jax.Array,
 ) -> Chain:
     r"""A multi-layer perceptron as a :class:`Chain` of ``len(hidden) + 1`` dense blocks.
