@@ -23,7 +23,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxalgo.grads import forward_gradient
+from jaxalgo.grads import Aggregation, forward_gradient
+from jaxalgo.grads._forward import Tangents
 
 
 class Approximation(NamedTuple):
@@ -31,7 +32,7 @@ class Approximation(NamedTuple):
 
     num_params: int
     num_tangents: int
-    aggregation: str
+    aggregation: Aggregation
     cosine: jax.Array
     norm_ratio: jax.Array
 
@@ -44,11 +45,11 @@ def _sum_loss(params, batch):
 def approximation_quality(
     num_params: int,
     num_tangents: int,
-    aggregation: str,
+    aggregation: Aggregation,
     *,
     key: jax.Array,
     num_seeds: int = 5,
-    tangents: str = "gaussian",
+    tangents: Tangents = "gaussian",
     scaling_correction: bool = False,
 ) -> Approximation:
     """Cosine similarity and norm ratio of the estimate of ``grad f = 1`` for ``num_seeds`` independent keys.
@@ -98,11 +99,11 @@ def approximation_quality(
 def approximation_sweep(
     num_params: Iterable[int],
     num_tangents: Iterable[int],
-    aggregations: Iterable[str] = ("mean", "orthogonal_projection"),
+    aggregations: Iterable[Aggregation] = ("mean", "orthogonal_projection"),
     *,
     key: jax.Array,
     num_seeds: int = 5,
-    tangents: str = "gaussian",
+    tangents: Tangents = "gaussian",
 ) -> list[Approximation]:
     """:func:`approximation_quality` over a grid of ``n``, ``k`` and aggregations (the same seeds everywhere)."""
     return [

@@ -12,6 +12,7 @@ from jaxalgo.grads._activity import (
     sample_activity_tangents,
 )
 from jaxalgo.grads._catalogue import ESTIMATORS
+from jaxalgo.grads._combine import Aggregation
 from jaxalgo.grads._estimator import (
     BackpropOptions,
     DirectionalSplit,
@@ -50,6 +51,7 @@ __all__ = [
     "FEEDBACK_INITS",
     "FEEDBACK_PRESETS",
     "ActivityOptions",
+    "Aggregation",
     "BackpropOptions",
     "DelayedFeedbackState",
     "DirectionalSplit",

@@ -67,17 +67,20 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jaxalgo.grads import _combine
+from jaxalgo.grads import _combine, _forward, _tangents
+from jaxalgo.grads._combine import Aggregation
 from jaxalgo.grads._estimator import EmptyState, Estimator, Problem, check_float_params
+from jaxalgo.grads._forward import ForwardMode
+from jaxalgo.grads._tangents import Distribution
 from jaxalgo.options import check_fields, option
 
-TANGENTS: tuple[str, ...] = ("gaussian", "rademacher")
-MODES: tuple[str, ...] = ("forward", "simulated")
+TANGENTS: tuple[Distribution, ...] = _tangents.DISTRIBUTIONS
+MODES: tuple[ForwardMode, ...] = _forward.MODES
 
 
 class LocalReadoutState(NamedTuple):
@@ -102,7 +105,7 @@ def sample_activity_tangents(
     shapes: Sequence[tuple[int, ...]],
     dtype: Any,
     *,
-    distribution: str = "gaussian",
+    distribution: Distribution = "gaussian",
     normalize: bool = False,
     normalize_per_block: bool = False,
 ) -> list[jax.Array]:
@@ -147,7 +150,7 @@ def _wide(a: jax.Array) -> Any:
     return jnp.promote_types(a.dtype, jnp.float32)
 
 
-def _coefficients(aggregation: str, d: jax.Array, flat_tangents: Sequence[jax.Array]) -> jax.Array:
+def _coefficients(aggregation: Aggregation, d: jax.Array, flat_tangents: Sequence[jax.Array]) -> jax.Array:
     """Coefficients ``c`` (k, B) with ``delta_b ~ U^T c_b`` from ``d`` (k, B) and the tangents (each (k, n_l))."""
     k = d.shape[0]
     gram: jax.Array | None = None
@@ -167,11 +170,11 @@ def activity_forward_gradient(
     output_loss: Callable[[jax.Array, jax.Array], jax.Array],
     *,
     num_tangents: int,
-    aggregation: str = "mean",
-    tangents: str = "gaussian",
+    aggregation: Aggregation = "mean",
+    tangents: Distribution = "gaussian",
     normalize_tangents: bool = False,
     scaling_correction: bool = False,
-    mode: str = "forward",
+    mode: ForwardMode = "forward",
     local_losses: bool = False,
     readout_key: jax.Array | None = None,
     readout_learning_rate: float = 0.0,
@@ -418,11 +421,11 @@ class ActivityOptions:
     """
 
     num_tangents: int = option(16, flag="tangents")
-    aggregation: Literal["sum", "mean", "orthogonal_projection"] = "mean"
-    tangent_dist: Literal["gaussian", "rademacher"] = "gaussian"
+    aggregation: Aggregation = "mean"
+    tangent_dist: Distribution = "gaussian"
     normalize_tangents: bool = False
     scaling_correction: bool = False
-    mode: Literal["forward", "simulated"] = option("forward", flag="forward_mode")
+    mode: ForwardMode = option("forward", flag="forward_mode")
     local_losses: bool = False
     readout_learning_rate: float = 0.0
 

@@ -22,14 +22,18 @@ References:
 from __future__ import annotations
 
 import math
+import typing
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
-AGGREGATIONS: tuple[str, ...] = ("sum", "mean", "orthogonal_projection")
+Aggregation = Literal["sum", "mean", "orthogonal_projection"]
+"""How the ``k`` directional derivatives of a forward-gradient estimator combine (the ``aggregation`` argument)."""
+AGGREGATIONS: tuple[Aggregation, ...] = typing.get_args(Aggregation)
 
 
-def check_aggregation(aggregation: str) -> None:
+def check_aggregation(aggregation: object) -> None:
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation: unknown aggregation {aggregation!r}; allowed: {', '.join(AGGREGATIONS)}")
 
@@ -45,7 +49,7 @@ def chi_mean(m: int) -> float:
     return math.sqrt(2.0) * math.exp(math.lgamma((m + 1) / 2) - math.lgamma(m / 2))
 
 
-def scaling_correction(aggregation: str, *, num_tangents: int, num_params: int) -> float:
+def scaling_correction(aggregation: Aggregation, *, num_tangents: int, num_params: int) -> float:
     """The reference's optional rescaling factor of the estimate (see the module docstring)."""
     check_aggregation(aggregation)
     k, n = num_tangents, num_params
@@ -64,7 +68,9 @@ def full_precision_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
-def combination_coefficients(aggregation: str, directional: jax.Array, gram: jax.Array | None = None) -> jax.Array:
+def combination_coefficients(
+    aggregation: Aggregation, directional: jax.Array, gram: jax.Array | None = None
+) -> jax.Array:
     """The coefficients ``c`` (shape (k,)) of the estimate ``V^T c``.
 
     Args:

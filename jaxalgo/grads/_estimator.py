@@ -19,6 +19,8 @@ from typing import Any, ClassVar, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 
+from jaxalgo.losses import LossName
+
 Params = Any
 Batch = Any
 EstimatorState = Any
@@ -88,7 +90,7 @@ class Problem:
     loss_fn: Callable[[Params, Batch], Any]
     chain: Any = None
     output_loss: Callable[[Any, Any], Any] | None = None
-    loss_name: str | None = None
+    loss_name: LossName | None = None
     input_shape: tuple[int, ...] | None = None
     num_outputs: int | None = None
     train_targets: Any = None

@@ -76,7 +76,7 @@ import dataclasses
 import math
 import typing
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -85,7 +85,7 @@ from flax import nnx
 
 from jaxalgo import losses as _losses
 from jaxalgo.grads._estimator import Estimator, Problem, check_float_params, check_scalar_loss
-from jaxalgo.grads._feedback import check_feedback_init, feedback_matrices
+from jaxalgo.grads._feedback import FeedbackInit, check_feedback_init, feedback_matrices
 from jaxalgo.models._chain import Chain, chain_of
 from jaxalgo.options import check_fields, option
 
@@ -100,20 +100,32 @@ F3Variant = Literal[
     "one_hot_target",
     "zeros",
 ]
-F3_VARIANTS: tuple[str, ...] = typing.get_args(F3Variant)
-DELAYED_VARIANTS: tuple[str, ...] = tuple(v for v in F3_VARIANTS if v.startswith("delayed"))
-MODES: tuple[str, ...] = ("per_block", "surrogate")
-HIDDEN_REDUCTIONS: tuple[str, ...] = ("sum", "mean")
-OUTPUT_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+F3_VARIANTS: tuple[F3Variant, ...] = typing.get_args(F3Variant)
+DELAYED_VARIANTS: tuple[F3Variant, ...] = tuple(v for v in F3_VARIANTS if v.startswith("delayed"))
+FeedbackMode = Literal["per_block", "surrogate"]
+"""How a feedback estimator computes its updates: block by block, or from one surrogate objective (the same)."""
+MODES: tuple[FeedbackMode, ...] = typing.get_args(FeedbackMode)
+HiddenReduction = Literal["sum", "mean"]
+"""How a hidden block's update reduces over the batch."""
+HIDDEN_REDUCTIONS: tuple[HiddenReduction, ...] = typing.get_args(HiddenReduction)
+OutputActivation = Literal["sigmoid", "softmax", "identity"]
+"""The output nonlinearity ``y = act(z)`` in the error ``t - y`` that is fed back."""
+OUTPUT_ACTIVATION_NAMES: tuple[OutputActivation, ...] = typing.get_args(OutputActivation)
+OUTPUT_ACTIVATIONS: dict[OutputActivation, Callable[[jax.Array], jax.Array]] = {
     "sigmoid": jax.nn.sigmoid,
     "softmax": jax.nn.softmax,
     "identity": lambda z: z,
 }
-LOSS_ACTIVATIONS: dict[str, str] = {"sigmoid_bce": "sigmoid", "cross_entropy": "softmax", "mse": "identity"}
+assert tuple(OUTPUT_ACTIVATIONS) == OUTPUT_ACTIVATION_NAMES
+LOSS_ACTIVATIONS: dict[_losses.LossName, OutputActivation] = {
+    "sigmoid_bce": "sigmoid",
+    "cross_entropy": "softmax",
+    "mse": "identity",
+}
 """The output nonlinearity of the error ``t - y`` for each of :data:`jaxalgo.losses.LOSSES`: the one its loss
 applies to the model output."""
 _KNOWN_LOSS_ACTIVATIONS = {_losses.get_loss(name): activation for name, activation in LOSS_ACTIVATIONS.items()}
-FEEDBACK_PRESETS: dict[str, dict[str, str]] = {
+FEEDBACK_PRESETS: dict[str, dict[str, F3Variant]] = {
     "f3": {},
     "dfa": {"variant": "current_error"},
     "drtp": {"variant": "one_hot_target"},
@@ -135,25 +147,28 @@ class DelayedFeedbackState(NamedTuple):
     errors: jax.Array
 
 
-def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
+_Choice = TypeVar("_Choice", bound=str)
+
+
+def _check_choice(name: str, value: _Choice, allowed: Sequence[str]) -> _Choice:
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name}: got {value!r}; allowed: {', '.join(allowed)}")
     return value
 
 
-def method_name(variant: str) -> str:
+def method_name(variant: F3Variant) -> str:
     """The name of the method a variant is (:data:`FEEDBACK_PRESETS`): dfa, drtp, llo, else f3."""
     return next((name for name, fixed in FEEDBACK_PRESETS.items() if fixed.get("variant") == variant), "f3")
 
 
-def loss_activation(loss_name: str | None) -> str | None:
+def loss_activation(loss_name: _losses.LossName | None) -> OutputActivation | None:
     """The output nonlinearity for the loss called ``loss_name`` (:data:`LOSS_ACTIVATIONS`); None for None."""
     if loss_name is None:
         return None
     return LOSS_ACTIVATIONS[_check_choice("loss_name", loss_name, tuple(LOSS_ACTIVATIONS))]
 
 
-def resolve_output_activation(output_loss: Callable, output_activation: str | None) -> str:
+def resolve_output_activation(output_loss: Callable, output_activation: OutputActivation | None) -> OutputActivation:
     """The output nonlinearity ``y = act(z)`` whose error ``t - y`` feeds back; inferred for jaxalgo's losses."""
     if output_activation is None:
         if output_loss not in _KNOWN_LOSS_ACTIVATIONS:
@@ -162,7 +177,7 @@ def resolve_output_activation(output_loss: Callable, output_activation: str | No
                 f"{', '.join(OUTPUT_ACTIVATIONS)} (the nonlinearity your loss applies to the model output)"
             )
         return _KNOWN_LOSS_ACTIVATIONS[output_loss]
-    return _check_choice("output_activation", output_activation, tuple(OUTPUT_ACTIVATIONS))
+    return _check_choice("output_activation", output_activation, OUTPUT_ACTIVATION_NAMES)
 
 
 _HOW_TO_CHAIN = (
@@ -223,10 +238,10 @@ class _Spec(NamedTuple):
 
     chain: Any
     output_loss: Callable[[jax.Array, jax.Array], jax.Array]
-    variant: str
-    activation: str
-    mode: str
-    hidden_reduction: str
+    variant: F3Variant
+    activation: OutputActivation
+    mode: FeedbackMode
+    hidden_reduction: HiddenReduction
     targets: np.ndarray | None  # the training targets of a delayed variant (its buffer's rows), else None
 
     @property
@@ -514,12 +529,12 @@ def _feedback_estimator(
     output_loss: Callable[[jax.Array, jax.Array], jax.Array],
     *,
     input_shape: Sequence[int],
-    variant: str,
-    output_activation: str | None,
+    variant: F3Variant,
+    output_activation: OutputActivation | None,
     train_targets: Any,
-    feedback_init: str,
-    mode: str,
-    hidden_reduction: str,
+    feedback_init: FeedbackInit,
+    mode: FeedbackMode,
+    hidden_reduction: HiddenReduction,
     key: jax.Array,
 ) -> Estimator:
     spec = _make_spec(
@@ -589,11 +604,11 @@ def f3(
     *,
     input_shape: Sequence[int],
     train_targets: Any,
-    variant: str = "delayed_error",
-    output_activation: str | None = None,
-    feedback_init: str = "kaiming_uniform",
-    mode: str = "per_block",
-    hidden_reduction: str = "sum",
+    variant: F3Variant = "delayed_error",
+    output_activation: OutputActivation | None = None,
+    feedback_init: FeedbackInit = "kaiming_uniform",
+    mode: FeedbackMode = "per_block",
+    hidden_reduction: HiddenReduction = "sum",
     key: jax.Array,
 ) -> Estimator:
     """F3: every hidden block learns from the delayed error of the same sample times a fixed random matrix.
@@ -630,16 +645,16 @@ def f3(
     )
 
 
-def _fixed_error_estimator(variant: str) -> Callable[..., Estimator]:
+def _fixed_error_estimator(variant: F3Variant) -> Callable[..., Estimator]:
     def build(
         chain: Any,
         output_loss: Callable[[jax.Array, jax.Array], jax.Array],
         *,
         input_shape: Sequence[int],
-        output_activation: str | None = None,
-        feedback_init: str = "kaiming_uniform",
-        mode: str = "per_block",
-        hidden_reduction: str = "sum",
+        output_activation: OutputActivation | None = None,
+        feedback_init: FeedbackInit = "kaiming_uniform",
+        mode: FeedbackMode = "per_block",
+        hidden_reduction: HiddenReduction = "sum",
         key: jax.Array,
     ) -> Estimator:
         return _feedback_estimator(
@@ -720,11 +735,9 @@ class FeedbackOptions:
     """
 
     variant: F3Variant = option("delayed_error", flag="f3_variant")
-    init: Literal["kaiming_uniform", "trinomial", "binomial", "identity"] = option(
-        "kaiming_uniform", flag="feedback_init"
-    )
-    mode: Literal["per_block", "surrogate"] = option("per_block", flag="feedback_mode")
-    reduction: Literal["sum", "mean"] = option("sum", flag="feedback_reduction")
+    init: FeedbackInit = option("kaiming_uniform", flag="feedback_init")
+    mode: FeedbackMode = option("per_block", flag="feedback_mode")
+    reduction: HiddenReduction = option("sum", flag="feedback_reduction")
 
     data_parallel: ClassVar[bool] = False
     pipeline: ClassVar[str] = "feedback"  # stages update from their own signal (jaxalgo.parallel.pipeline)

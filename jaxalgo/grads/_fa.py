@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,7 @@ from flax import nnx
 
 from jaxalgo.grads._estimator import Estimator, Problem, check_float_params, check_scalar_loss
 from jaxalgo.grads._f3 import FeedbackState
-from jaxalgo.grads._feedback import check_feedback_init, feedback_matrices
+from jaxalgo.grads._feedback import FeedbackInit, check_feedback_init, feedback_matrices
 from jaxalgo.models import ACTIVATIONS, DenseBlock, precision_policy
 from jaxalgo.models._chain import BlockFns, Chain
 from jaxalgo.options import check_fields, option
@@ -95,7 +95,7 @@ def fa(
     chain: Any,
     output_loss: Callable[[jax.Array, jax.Array], jax.Array],
     *,
-    feedback_init: str = "kaiming_uniform",
+    feedback_init: FeedbackInit = "kaiming_uniform",
     key: jax.Array,
 ) -> Estimator:
     """Feedback alignment on an MLP chain: backprop with each ``W_l^T`` replaced by a fixed random ``B_l``.
@@ -168,9 +168,7 @@ class FAOptions:
       init: initialisation of the fixed feedback matrices, one of FEEDBACK_INITS.
     """
 
-    init: Literal["kaiming_uniform", "trinomial", "binomial", "identity"] = option(
-        "kaiming_uniform", flag="feedback_init"
-    )
+    init: FeedbackInit = option("kaiming_uniform", flag="feedback_init")
 
     data_parallel: ClassVar[bool] = False
     reads_dense_kernels: ClassVar[bool] = True  # works on DenseBlock kernels only (not on low-rank factors)

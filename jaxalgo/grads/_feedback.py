@@ -21,29 +21,33 @@ References:
 from __future__ import annotations
 
 import functools
+import typing
 from collections.abc import Sequence
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
-FEEDBACK_INITS: tuple[str, ...] = ("kaiming_uniform", "trinomial", "binomial", "identity")
+FeedbackInit = Literal["kaiming_uniform", "trinomial", "binomial", "identity"]
+"""The initialisations of the fixed feedback matrices (see the module docstring)."""
+FEEDBACK_INITS: tuple[FeedbackInit, ...] = typing.get_args(FeedbackInit)
 
 
-def check_feedback_init(init: str) -> str:
+def check_feedback_init(init: FeedbackInit) -> FeedbackInit:
     """Returns ``init`` if it names a feedback initialisation, else raises a ValueError naming the choices."""
     if init not in FEEDBACK_INITS:
         raise ValueError(f"feedback_init: unknown initialisation {init!r}; allowed: {', '.join(FEEDBACK_INITS)}")
     return init
 
 
-def feedback_matrix(key: jax.Array, shape: tuple[int, int], init: str, dtype=jnp.float32) -> jax.Array:
+def feedback_matrix(key: jax.Array, shape: tuple[int, int], init: FeedbackInit, dtype=jnp.float32) -> jax.Array:
     """One feedback matrix of ``shape = (rows, cols)`` drawn as ``init`` says (see the module docstring)."""
     check_feedback_init(init)
     return _draw(key, tuple(int(s) for s in shape), init, jnp.dtype(dtype))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _draw(key: jax.Array, shape: tuple[int, int], init: str, dtype) -> jax.Array:
+def _draw(key: jax.Array, shape: tuple[int, int], init: FeedbackInit, dtype) -> jax.Array:
     rows, cols = shape
     if init == "kaiming_uniform":
         bound = 1.0 / jnp.sqrt(jnp.asarray(cols, dtype))
@@ -58,7 +62,7 @@ def _draw(key: jax.Array, shape: tuple[int, int], init: str, dtype) -> jax.Array
 
 
 def feedback_matrices(
-    key: jax.Array, shapes: Sequence[tuple[int, int]], init: str = "kaiming_uniform", dtype=jnp.float32
+    key: jax.Array, shapes: Sequence[tuple[int, int]], init: FeedbackInit = "kaiming_uniform", dtype=jnp.float32
 ) -> tuple[jax.Array, ...]:
     """One feedback matrix per shape; matrix ``i`` is drawn from ``jax.random.fold_in(key, i)``.
 
@@ -77,5 +81,5 @@ def feedback_matrices(
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _draw_all(key: jax.Array, shapes: tuple[tuple[int, int], ...], init: str, dtype) -> tuple[jax.Array, ...]:
+def _draw_all(key: jax.Array, shapes: tuple[tuple[int, int], ...], init: FeedbackInit, dtype) -> tuple[jax.Array, ...]:
     return tuple(_draw(jax.random.fold_in(key, i), shape, init, dtype) for i, shape in enumerate(shapes))

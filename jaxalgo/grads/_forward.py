@@ -48,6 +48,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
@@ -55,6 +56,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalgo.grads import _combine, _tangents
+from jaxalgo.grads._combine import Aggregation
 from jaxalgo.grads._estimator import (
     Batch,
     DirectionalSplit,
@@ -67,14 +69,18 @@ from jaxalgo.grads._estimator import (
     stateless_init,
 )
 from jaxalgo.grads._rank1 import rank1_forward_gradient
-from jaxalgo.grads._tangents import FlatLayout
+from jaxalgo.grads._tangents import Distribution, FlatLayout
 from jaxalgo.options import check_fields, option
 
-TANGENTS: tuple[str, ...] = ("gaussian", "rademacher", "rank1")
-BATCHINGS: tuple[str, ...] = ("vmap", "scan", "chunk")
-
-
-MODES: tuple[str, ...] = ("forward", "simulated")
+Tangents = Literal[Distribution, "rank1"]
+"""The tangents of a weight-perturbation forward gradient: dense Gaussian or Rademacher, or structured rank-1."""
+TANGENTS: tuple[Tangents, ...] = typing.get_args(Tangents)
+Batching = Literal["vmap", "scan", "chunk"]
+"""How a dense-tangent estimator goes through its tangents: all at once, one at a time, or ``chunk_size`` at a time."""
+BATCHINGS: tuple[Batching, ...] = typing.get_args(Batching)
+ForwardMode = Literal["forward", "simulated"]
+"""How the directional derivatives are computed: by forward-mode AD, or from backprop's gradient (a test oracle)."""
+MODES: tuple[ForwardMode, ...] = typing.get_args(ForwardMode)
 
 
 # -- validation (shared with the zeroth-order estimator and the options classes) ----------------------------------
@@ -85,7 +91,7 @@ def check_loss_fn(loss_fn: Any) -> None:
         raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
 
 
-def check_choice(name: str, what: str, value: Any, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, what: str, value: object, allowed: tuple[str, ...]) -> None:
     """Raises ``ValueError("name: unknown what 'value'; allowed: ...")`` unless ``value`` is one of ``allowed``."""
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name}: unknown {what} {value!r}; allowed: {', '.join(allowed)}")
@@ -108,7 +114,9 @@ def check_batching(batching: Any, chunk_size: Any) -> None:
         raise ValueError(f"chunk_size: only used with batching='chunk' (got batching={batching!r}); leave it None")
 
 
-def _check_rank1_options(normalize_tangents: bool, batching: str, mode: str, name: str = "tangents") -> None:
+def _check_rank1_options(
+    normalize_tangents: bool, batching: Batching, mode: ForwardMode, name: str = "tangents"
+) -> None:
     if normalize_tangents:
         raise ValueError(f"normalize_tangents: not supported with {name}='rank1'; use False")
     if batching == "chunk":
@@ -170,7 +178,7 @@ def _fold_tangents(
     add: Callable[[Any, jax.Array], tuple[Any, jax.Array]],
     total: Any,
     keys: jax.Array,
-    batching: str,
+    batching: Batching,
     chunk_size: int | None,
 ) -> tuple[Any, jax.Array]:
     """``(total, d)`` after ``total, d_chunk = add(total, chunk_keys)`` over the keys, one at a time (``scan``) or
@@ -204,7 +212,7 @@ def _vary_like(tangent: jax.Array, primal: jax.Array) -> jax.Array:
     return jax.lax.pcast(tangent, missing, to="varying") if missing else tangent
 
 
-def _linearized(loss_fn: Callable[..., Any], has_aux: bool, mode: str) -> Source:
+def _linearized(loss_fn: Callable[..., Any], has_aux: bool, mode: ForwardMode) -> Source:
     """The forward gradient's :data:`Source`: ``jax.linearize`` (the primal once, one JVP per tangent), or
     ``d = <v, grad f>`` with ``grad f`` by backprop (``mode="simulated"``)."""
     checked = checked_loss(loss_fn, has_aux)
@@ -248,11 +256,11 @@ class DenseTangents:
     """
 
     num_tangents: int
-    aggregation: str
-    distribution: str
+    aggregation: Aggregation
+    distribution: Distribution
     normalize: bool = False
     correct: bool = False
-    batching: str = "vmap"
+    batching: Batching = "vmap"
     chunk_size: int | None = None
     has_aux: bool = False
 
@@ -416,14 +424,14 @@ def forward_gradient_directional(
     loss_fn: Callable[..., Any],
     *,
     num_tangents: int,
-    aggregation: str = "mean",
-    tangents: str = "gaussian",
+    aggregation: Aggregation = "mean",
+    tangents: Tangents = "gaussian",
     normalize_tangents: bool = False,
     scaling_correction: bool = False,
-    batching: str = "vmap",
+    batching: Batching = "vmap",
     chunk_size: int | None = None,
     has_aux: bool = False,
-    mode: str = "forward",
+    mode: ForwardMode = "forward",
 ) -> DirectionalSplit:
     """The split form of :func:`forward_gradient`: directional derivatives, then the estimate.
 
@@ -452,14 +460,14 @@ def forward_gradient(
     loss_fn: Callable[..., Any],
     *,
     num_tangents: int,
-    aggregation: str = "mean",
-    tangents: str = "gaussian",
+    aggregation: Aggregation = "mean",
+    tangents: Tangents = "gaussian",
     normalize_tangents: bool = False,
     scaling_correction: bool = False,
-    batching: str = "vmap",
+    batching: Batching = "vmap",
     chunk_size: int | None = None,
     has_aux: bool = False,
-    mode: str = "forward",
+    mode: ForwardMode = "forward",
 ) -> Estimator:
     """Multi-tangent forward gradient of ``loss_fn``; FROG with ``aggregation="orthogonal_projection"``.
 
@@ -513,6 +521,7 @@ def forward_gradient(
         scaling_correction=scaling_correction, batching=batching, chunk_size=chunk_size, has_aux=has_aux, mode=mode,
     )  # fmt: skip
     if tangents == "rank1":
+        assert batching != "chunk"  # refused by check_forward_options
         return rank1_forward_gradient(
             loss_fn,
             num_tangents=num_tangents,
@@ -527,7 +536,7 @@ def forward_gradient(
     return dense_estimator(_linearized(loss_fn, has_aux, mode), spec)
 
 
-def dense_tangent_bytes(num_tangents: int, batching: str, chunk_size: int | None, param_bytes: int) -> int:
+def dense_tangent_bytes(num_tangents: int, batching: Batching, chunk_size: int | None, param_bytes: int) -> int:
     """Bytes of the dense tangents held at once: ``k`` copies of the parameters with ``vmap``, ``chunk_size`` with
     ``chunk``, one with ``scan`` (a lower bound of the estimator's working memory, for the up-front check)."""
     held = {"vmap": num_tangents, "chunk": chunk_size or num_tangents, "scan": 1}[batching]
@@ -552,13 +561,13 @@ class ForwardOptions:
     """
 
     num_tangents: int = option(16, flag="tangents")
-    aggregation: Literal["sum", "mean", "orthogonal_projection"] = "mean"
-    tangent_dist: Literal["gaussian", "rademacher", "rank1"] = "gaussian"
+    aggregation: Aggregation = "mean"
+    tangent_dist: Tangents = "gaussian"
     normalize_tangents: bool = False
     scaling_correction: bool = False
-    batching: Literal["vmap", "scan", "chunk"] = "vmap"
+    batching: Batching = "vmap"
     chunk_size: int | None = None
-    mode: Literal["forward", "simulated"] = option("forward", flag="forward_mode")
+    mode: ForwardMode = option("forward", flag="forward_mode")
 
     data_parallel: ClassVar[bool] = True
 

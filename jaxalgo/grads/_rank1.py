@@ -22,13 +22,15 @@ References:
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 
 from jaxalgo.grads import _combine
+from jaxalgo.grads._combine import Aggregation
 from jaxalgo.grads._estimator import (
     Batch,
     DirectionalSplit,
@@ -42,7 +44,9 @@ from jaxalgo.grads._estimator import (
 from jaxalgo.grads._rank1_jvp import jvp_stacked
 from jaxalgo.grads._rank1_tangents import FactoredTangent, combine, gram_matrix, sample_tangents, tangent_keys
 
-BATCHINGS: tuple[str, ...] = ("vmap", "scan")
+Rank1Batching = Literal["vmap", "scan"]
+"""How a rank-1 estimator pushes its tangents: all together (``vmap``) or one at a time (``scan``)."""
+BATCHINGS: tuple[Rank1Batching, ...] = typing.get_args(Rank1Batching)
 
 
 Rank1ForwardGradient = DirectionalSplit
@@ -60,10 +64,10 @@ def rank1_directional(
     loss_fn: Callable[..., Any],
     *,
     num_tangents: int,
-    aggregation: str = "mean",
+    aggregation: Aggregation = "mean",
     scaling_correction: bool = False,
     has_aux: bool = False,
-    batching: str = "vmap",
+    batching: Rank1Batching = "vmap",
 ) -> Rank1ForwardGradient:
     """The split form of :func:`rank1_forward_gradient`: directional derivatives, then the estimate.
 
@@ -138,10 +142,10 @@ def rank1_forward_gradient(
     loss_fn: Callable[..., Any],
     *,
     num_tangents: int,
-    aggregation: str = "mean",
+    aggregation: Aggregation = "mean",
     scaling_correction: bool = False,
     has_aux: bool = False,
-    batching: str = "vmap",
+    batching: Rank1Batching = "vmap",
 ) -> Estimator:
     """Multi-tangent forward gradient (FROG with ``aggregation="orthogonal_projection"``) with rank-1 tangents.
 

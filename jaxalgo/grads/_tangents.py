@@ -39,21 +39,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 
 from jaxalgo.grads._rank1_tangents import tangent_keys
 
-DISTRIBUTIONS: tuple[str, ...] = ("gaussian", "rademacher")
+Distribution = Literal["gaussian", "rademacher"]
+"""The distributions of dense tangents: standard Gaussian entries, or Rademacher (``+-1``) entries."""
+DISTRIBUTIONS: tuple[Distribution, ...] = typing.get_args(Distribution)
 MAX_BLOCK_SIZE = 1 << 12
 RESAMPLE_MAX_PARAMS = 256
 RESAMPLE_MAX_ATTEMPTS = 64
 
 __all__ = [
     "DISTRIBUTIONS",
+    "Distribution",
     "FlatLayout",
     "independent_tangent_keys",
     "tangent_block",
@@ -125,7 +129,7 @@ class FlatLayout:
         return values
 
 
-def _draw(key: jax.Array, size: int, distribution: str, dtype: Any) -> jax.Array:
+def _draw(key: jax.Array, size: int, distribution: Distribution, dtype: Any) -> jax.Array:
     """``size`` independent entries of the distribution, in ``dtype``."""
     if distribution == "gaussian":
         return jax.random.normal(key, (size,), dtype)
@@ -134,14 +138,14 @@ def _draw(key: jax.Array, size: int, distribution: str, dtype: Any) -> jax.Array
     return (1 - 2 * bits.astype(dtype)).reshape(-1)[:size]
 
 
-def tangent_flat(key: jax.Array, layout: FlatLayout, distribution: str) -> jax.Array:
+def tangent_flat(key: jax.Array, layout: FlatLayout, distribution: Distribution) -> jax.Array:
     """Tangent ``i`` as a flat vector ``(n,)`` in the compute dtype, from its key ``key_i`` (all blocks)."""
     block_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(layout.num_blocks))
     blocks = jax.vmap(lambda k: _draw(k, layout.block_size, distribution, layout.dtype))(block_keys)
     return layout.round_to_leaf_dtypes(blocks.reshape(-1)[: layout.num_params])
 
 
-def tangent_block(keys: jax.Array, block: Any, layout: FlatLayout, distribution: str) -> jax.Array:
+def tangent_block(keys: jax.Array, block: Any, layout: FlatLayout, distribution: Distribution) -> jax.Array:
     """Block ``block`` (may be traced) of every tangent, ``(k, B)``; entries past ``n`` are zero."""
     values = jax.vmap(lambda k: _draw(jax.random.fold_in(k, block), layout.block_size, distribution, layout.dtype))(
         keys
@@ -163,12 +167,12 @@ def _select_keys(use_first: jax.Array, first: jax.Array, second: jax.Array) -> j
     return jnp.where(cond, first, second)
 
 
-def needs_resampling(distribution: str, num_params: int) -> bool:
+def needs_resampling(distribution: Distribution, num_params: int) -> bool:
     """Whether :func:`independent_tangent_keys` must run before a projection (Rademacher tangents, small ``n``)."""
     return distribution == "rademacher" and num_params <= RESAMPLE_MAX_PARAMS
 
 
-def independent_tangent_keys(keys: jax.Array, layout: FlatLayout, distribution: str) -> jax.Array:
+def independent_tangent_keys(keys: jax.Array, layout: FlatLayout, distribution: Distribution) -> jax.Array:
     """Per-tangent keys whose first ``min(k, n)`` tangents are linearly independent.
 
     Tangent ``i`` keeps ``keys[i]`` if it is independent of tangents ``0 .. i-1``; otherwise it is redrawn from

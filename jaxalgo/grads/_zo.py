@@ -50,15 +50,17 @@ import dataclasses
 import math
 import numbers
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxalgo.grads import _combine, _tangents
+from jaxalgo.grads._combine import Aggregation
 from jaxalgo.grads._estimator import Batch, Estimator, Params, Problem
 from jaxalgo.grads._forward import (
+    Batching,
     DenseTangents,
     Source,
     check_batching,
@@ -69,6 +71,7 @@ from jaxalgo.grads._forward import (
     dense_estimator,
     dense_tangent_bytes,
 )
+from jaxalgo.grads._tangents import Distribution
 from jaxalgo.options import check_fields, option
 
 
@@ -151,12 +154,12 @@ def zeroth_order(
     loss_fn: Callable[..., Any],
     *,
     num_tangents: int,
-    aggregation: str = "mean",
-    tangents: str = "gaussian",
+    aggregation: Aggregation = "mean",
+    tangents: Distribution = "gaussian",
     epsilon: float = 1e-3,
     normalize_tangents: bool = False,
     scaling_correction: bool = False,
-    batching: str = "vmap",
+    batching: Batching = "vmap",
     chunk_size: int | None = None,
     has_aux: bool = False,
 ) -> Estimator:
@@ -233,12 +236,12 @@ class ZeroOrderOptions:
     """
 
     num_tangents: int = option(16, flag="tangents")
-    aggregation: Literal["sum", "mean", "orthogonal_projection"] = "mean"
-    tangent_dist: Literal["gaussian", "rademacher"] = "gaussian"
+    aggregation: Aggregation = "mean"
+    tangent_dist: Distribution = "gaussian"
     epsilon: float = option(1e-3, flag="zo_epsilon")
     normalize_tangents: bool = False
     scaling_correction: bool = False
-    batching: Literal["vmap", "scan", "chunk"] = "vmap"
+    batching: Batching = "vmap"
     chunk_size: int | None = None
 
     data_parallel: ClassVar[bool] = True
