@@ -13,8 +13,9 @@ All functions here must be called inside ``shard_map`` over a mesh that has the 
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -115,10 +116,12 @@ def sharded_mean_over(tree: Any, axis: str, shard_axis: str, *, dtype: Any = Non
     return jax.tree.unflatten(treedef, out)
 
 
-STATE_MERGES: tuple[str, ...] = ("delta_sum", "mean")
+StateMerge = Literal["delta_sum", "mean"]
+"""How the per-device updates of a replicated state are combined (see :func:`merge_replicated_state`)."""
+STATE_MERGES: tuple[StateMerge, ...] = typing.get_args(StateMerge)
 
 
-def merge_replicated_state(old: Any, new: Any, axes: Axes, how: str = "delta_sum") -> Any:
+def merge_replicated_state(old: Any, new: Any, axes: Axes, how: StateMerge = "delta_sum") -> Any:
     """Combines the per-device updates of a replicated state (an estimator's state) into one replicated value.
 
     - ``"delta_sum"``: ``old + sum_devices(new - old)`` for floating leaves, so each device's change is applied

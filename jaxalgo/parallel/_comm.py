@@ -20,14 +20,29 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-KINDS: tuple[str, ...] = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+CollectiveKind = Literal["all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all"]
+"""The kinds of collective a report counts (the ``kind`` of :meth:`CommReport.total`)."""
+KINDS: tuple[CollectiveKind, ...] = typing.get_args(CollectiveKind)
+Level = Literal["cross-node", "node-local", "none"]
+"""The mesh level of a collective's replica groups (the ``level`` of :meth:`CommReport.total`)."""
+LEVELS: tuple[Level, ...] = typing.get_args(Level)
+
+
+def _check_filters(level: Level | None, kind: CollectiveKind | None) -> None:
+    """Raises ValueError naming ``level`` or ``kind`` unless each is None or one of :data:`LEVELS` / :data:`KINDS`."""
+    if level is not None and level not in LEVELS:
+        raise ValueError(f"level: unknown level {level!r}; allowed: {', '.join(LEVELS)} (or None: all)")
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind: unknown collective {kind!r}; allowed: {', '.join(KINDS)} (or None: all)")
+
 
 _HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4}
 _HLO_BYTES.update({"s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16})
@@ -38,6 +53,7 @@ _HLO_OP = re.compile(
     r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<type>.+?)\s+"
     r"(?P<op>all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(?P<start>-start)?\("
 )
+_KIND_OF: dict[str, CollectiveKind] = {kind: kind for kind in KINDS}  # the _HLO_OP match's kind, typed
 _HLO_SHAPE = re.compile(r"\b(pred|[subfc]\d+|bf16)\[([\d,]*)\]")
 _MLIR_OP = re.compile(r'"?stablehlo\.(all_reduce|all_gather|reduce_scatter|collective_permute|all_to_all)"?\(')
 _MLIR_SIG = re.compile(r":\s*\(((?:tensor<[^>]*>(?:,\s*)?)+)\)\s*->")
@@ -63,7 +79,7 @@ class Collective:
       name: the HLO instruction name.
     """
 
-    kind: str
+    kind: CollectiveKind
     dtypes: tuple[str, ...]
     requested_dtypes: tuple[str, ...]
     bytes: int
@@ -71,7 +87,7 @@ class Collective:
     elements: int
     group_size: int
     axes: tuple[str, ...]
-    level: str
+    level: Level
     replica_groups: tuple[tuple[int, ...], ...]
     name: str
 
@@ -83,8 +99,9 @@ class CommReport:
     collectives: tuple[Collective, ...]
     mesh_axes: tuple[str, ...]
 
-    def total(self, *, level: str | None = None, kind: str | None = None, requested: bool = False) -> int:
+    def total(self, *, level: Level | None = None, kind: CollectiveKind | None = None, requested: bool = False) -> int:
         """Bytes summed over the collectives of ``level`` and ``kind`` (``None``: all), compiled or requested."""
+        _check_filters(level, kind)
         return sum(
             c.requested_bytes if requested else c.bytes
             for c in self.collectives
@@ -107,7 +124,9 @@ class CommReport:
     def requested_node_local_bytes(self) -> int:
         return self.total(level="node-local", requested=True)
 
-    def count(self, *, level: str | None = None, kind: str | None = None) -> int:
+    def count(self, *, level: Level | None = None, kind: CollectiveKind | None = None) -> int:
+        """The number of collectives of ``level`` and ``kind`` (``None``: all)."""
+        _check_filters(level, kind)
         return sum(
             1 for c in self.collectives if (level is None or c.level == level) and (kind is None or c.kind == kind)
         )
@@ -167,7 +186,9 @@ def _parse_groups(attrs: str, total_devices: int) -> list[list[int]]:
     return [list(range(total_devices))]
 
 
-def _classify(groups: list[list[int]], mesh_shape: tuple[int, ...], names: tuple[str, ...], cross: tuple[str, ...]):
+def _classify(
+    groups: list[list[int]], mesh_shape: tuple[int, ...], names: tuple[str, ...], cross: tuple[str, ...]
+) -> tuple[tuple[str, ...], Level]:
     spanned: set[str] = set()
     for group in groups:
         if len(group) < 2:
@@ -177,7 +198,7 @@ def _classify(groups: list[list[int]], mesh_shape: tuple[int, ...], names: tuple
             if len(set(coords[:, i].tolist())) > 1:
                 spanned.add(name)
     axes = tuple(n for n in names if n in spanned)
-    level = "none" if not axes else ("cross-node" if any(a in cross for a in axes) else "node-local")
+    level: Level = "none" if not axes else ("cross-node" if any(a in cross for a in axes) else "node-local")
     return axes, level
 
 
@@ -266,7 +287,7 @@ def comm_report(
         match = _HLO_OP.match(line)
         if match is None:
             continue
-        kind, is_start = match.group("op"), bool(match.group("start"))
+        kind, is_start = _KIND_OF[match.group("op")], bool(match.group("start"))
         shapes = [
             (t, int(np.prod([int(d) for d in dims.split(",") if d]))) for t, dims in _HLO_SHAPE.findall(match["type"])
         ]

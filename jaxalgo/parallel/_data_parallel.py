@@ -30,8 +30,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxalgo.grads import Estimator
-from jaxalgo.parallel._collectives import STATE_MERGES, mean_over, merge_replicated_state, vary
-from jaxalgo.parallel._forward_dp import check_reduce, directional_value_and_grad
+from jaxalgo.parallel._collectives import STATE_MERGES, StateMerge, mean_over, merge_replicated_state, vary
+from jaxalgo.parallel._forward_dp import Reduction, check_reduce, directional_value_and_grad
 
 
 def _check_axes(mesh: Mesh, axes: Sequence[str] | None) -> tuple[str, ...]:
@@ -69,8 +69,8 @@ def data_parallel(
     mesh: Mesh,
     *,
     axes: Sequence[str] | None = None,
-    state_merge: str = "delta_sum",
-    reduce: str = "auto",
+    state_merge: StateMerge = "delta_sum",
+    reduce: Reduction = "auto",
 ) -> Estimator:
     """Data parallelism over ``mesh``: per-shard estimates, gradients averaged by one all-reduce.
 

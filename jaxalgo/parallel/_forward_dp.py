@@ -28,8 +28,9 @@ feedback-alignment family; those have ``split = None`` and keep the ordinary gra
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -37,12 +38,14 @@ import numpy as np
 
 from jaxalgo.grads import DirectionalSplit
 
-REDUCTIONS: tuple[str, ...] = ("auto", "directional", "gradients")
+Reduction = Literal["auto", "directional", "gradients"]
+"""What a data-parallel step all-reduces (the ``reduce`` argument; see :data:`REDUCTIONS`)."""
+REDUCTIONS: tuple[Reduction, ...] = typing.get_args(Reduction)
 """What a data-parallel step all-reduces: ``"directional"`` (the ``k`` directional derivatives of an estimator with a
 ``split``), ``"gradients"`` (the ``n``-sized estimate, any estimator), or ``"auto"`` (directional when possible)."""
 
 
-def check_reduce(reduce: str, split: DirectionalSplit | None) -> bool:
+def check_reduce(reduce: Reduction, split: DirectionalSplit | None) -> bool:
     """Whether a data-parallel step reduces directional derivatives; raises ValueError for a bad ``reduce``."""
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce: unknown reduction {reduce!r}; allowed: {', '.join(REDUCTIONS)}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ from jaxalgo.options import check_fields, option
 from jaxalgo.parallel._comm import comm_report
 from jaxalgo.parallel._daso import DasoConfig, DasoTrainState, daso, update_schedule, window_comm_report
 from jaxalgo.parallel._data_parallel import data_parallel
+from jaxalgo.parallel._forward_dp import Reduction
 from jaxalgo.parallel._mesh import (
     check_divisible,
     local_batch_rows,
@@ -47,9 +48,9 @@ from jaxalgo.parallel.ab import (
     check_ab_mesh,
     lr_factor,
 )
+from jaxalgo.parallel.ab._config import SyncMode
+from jaxalgo.parallel.ab._schedule import Event, Phase
 from jaxalgo.runner import Experiment, RunnerBase, make_train_step
-
-Reduction = Literal["auto", "directional", "gradients"]
 
 
 def _host(tree: Any) -> Any:
@@ -65,7 +66,7 @@ def data_mesh(text: str, devices: Sequence[jax.Device] | None = None):
     return make_mesh(shape, devices=devices)
 
 
-def group_mesh(text: str, sync_mode: str, devices: Sequence[jax.Device] | None = None):
+def group_mesh(text: str, sync_mode: SyncMode, devices: Sequence[jax.Device] | None = None):
     """AB-training's ``("group", "dp")`` mesh of ``text`` read as GROUPSxGROUP_SIZE (default: two groups)."""
     shape = parse_mesh_shape(text) if text else None
     if shape is not None and len(shape) != 2:
@@ -327,7 +328,7 @@ class ABRunner(MeshRunner):
             return fresh
         return self.ab.resize(fresh, sizes)
 
-    def _count_ab_traffic(self, program: str, state: ABTrainState, batch: Any) -> None:
+    def _count_ab_traffic(self, program: Event | Phase, state: ABTrainState, batch: Any) -> None:
         """Counts one run of ``program`` at the state's factor sizes (measured once per program and sizes; a
         re-SVD moves no device traffic, see :func:`jaxalgo.parallel.ab_comm`)."""
         if program == "factorize":

@@ -7,7 +7,15 @@ import dataclasses
 import typing
 from typing import Literal
 
-PHASES: tuple[str, ...] = ("local", "send", "merge", "blocking")
+Phase = Literal["local", "send", "merge", "blocking"]
+"""What a DASO step does globally: nothing, send a global average, merge the one in flight, or average blocking."""
+PHASES: tuple[Phase, ...] = typing.get_args(Phase)
+CommDtype = Literal["bfloat16", "float16", "float32"]
+"""The wire dtypes of DASO's global average (:class:`DasoConfig`'s ``comm_dtype``)."""
+COMM_DTYPES: tuple[CommDtype, ...] = typing.get_args(CommDtype)
+Program = Literal["window", "step"]
+"""How DASO compiles a send and its merge (:class:`DasoConfig`'s ``program``)."""
+PROGRAMS: tuple[Program, ...] = typing.get_args(Program)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +45,12 @@ class DasoConfig:
     cooldown_epochs: int = 4
     merge_weight: float = 2.0
     max_global_skip: int = 8
-    comm_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    comm_dtype: CommDtype = "bfloat16"
     sharded: bool = False
     adaptive: bool = True
     plateau_threshold: float = 0.05
     plateau_patience: int = 3
-    program: Literal["window", "step"] = "window"
+    program: Program = "window"
 
     def __post_init__(self):
         check_integer(self, "global_skip", 1)
@@ -64,10 +72,6 @@ class DasoConfig:
             raise ValueError(f"plateau_threshold: must be a number >= 0, got {self.plateau_threshold!r}")
         if self.program not in PROGRAMS:
             raise ValueError(f"program: unknown program {self.program!r}; allowed: {', '.join(PROGRAMS)}")
-
-
-COMM_DTYPES: tuple[str, ...] = typing.get_args(typing.get_type_hints(DasoConfig)["comm_dtype"])
-PROGRAMS: tuple[str, ...] = typing.get_args(typing.get_type_hints(DasoConfig)["program"])
 
 
 def check_integer(config: DasoConfig, name: str, low: int) -> None:

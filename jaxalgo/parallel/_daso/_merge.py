@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalgo.parallel._collectives import mean_over, sharded_mean_over
+from jaxalgo.parallel._daso._config import Phase
 from jaxalgo.parallel._daso._state import DasoState, Layout
 
 
@@ -52,7 +53,7 @@ def global_mean(layout: Layout, params: Any, last_average: Any) -> Any:
     return jax.tree.map(jnp.add, last_average, mean_change)
 
 
-def synchronise(layout: Layout, phase: str, params: Any, daso_state: DasoState) -> tuple[Any, Any]:
+def synchronise(layout: Layout, phase: Phase, params: Any, daso_state: DasoState) -> tuple[Any, Any]:
     """``(params, average)`` after ``phase``'s global step, ``average`` being the last global average (float32):
     ``"blocking"`` computes a new one and replaces the parameters by it, ``"send"`` computes one and keeps it in
     flight, ``"merge"`` merges the one in flight into the parameters, ``"local"`` leaves both as they are."""

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxalgo.parallel._daso._config import DasoConfig
+from jaxalgo.parallel._daso._config import DasoConfig, Phase
 
 
 class DasoSchedule(NamedTuple):
@@ -38,7 +38,7 @@ def in_warmup_or_cooldown(epoch: int, total_epochs: int, config: DasoConfig) -> 
 
 def daso_phase(
     step: int, *, steps_per_epoch: int, total_epochs: int, global_skip: int, batches_to_wait: int, config: DasoConfig
-) -> str:
+) -> Phase:
     """The phase of global step ``step``: ``"blocking"``, ``"send"``, ``"merge"`` or ``"local"``.
 
     Blocking during warm-up and cool-down, with ``S = 0``, and on the last batch of each epoch. Otherwise a send on

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxalgo.grads import Estimator
-from jaxalgo.parallel._collectives import stack_copies, vary
+from jaxalgo.parallel._collectives import StateMerge, stack_copies, vary
 from jaxalgo.parallel._daso._config import DasoConfig
 from jaxalgo.parallel._daso._schedule import DasoSchedule, initial_schedule
 from jaxalgo.parallel._mesh import NODE_AXIS, place
@@ -56,7 +56,7 @@ class Layout:
     mesh: Mesh
     node_axis: str
     local_axis: str
-    state_merge: str
+    state_merge: StateMerge
     directional: bool
 
     @property

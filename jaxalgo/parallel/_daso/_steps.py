@@ -40,7 +40,7 @@ import optax
 from jaxalgo.grads import Estimator, scalar_loss
 from jaxalgo.parallel._collectives import mean_over, merge_replicated_state, vary
 from jaxalgo.parallel._comm import CommReport, comm_report
-from jaxalgo.parallel._daso._config import PHASES
+from jaxalgo.parallel._daso._config import PHASES, Phase
 from jaxalgo.parallel._daso._merge import global_mean, merge_inflight, synchronise
 from jaxalgo.parallel._daso._state import REPLICATED, DasoState, DasoTrainState, Layout, own, restack
 from jaxalgo.parallel._data_parallel import check_batch, reshard
@@ -96,7 +96,7 @@ def device_step(
     layout: Layout,
     estimator: Estimator,
     optimizer: optax.GradientTransformation,
-    phase: str,
+    phase: Phase,
     step: jax.Array,
     params: Any,
     estimator_state: Any,
@@ -174,7 +174,7 @@ def device_window(
     )
 
 
-def make_step(layout: Layout, estimator: Estimator, optimizer: optax.GradientTransformation, phase: str):
+def make_step(layout: Layout, estimator: Estimator, optimizer: optax.GradientTransformation, phase: Phase):
     """The jitted ``step(state, batch, run_key) -> (state, loss_per_node)`` of ``phase`` (state donated; the batch
     is sharded over both mesh axes)."""
     if phase not in PHASES:

@@ -14,13 +14,13 @@ import optax
 from jax.sharding import Mesh
 
 from jaxalgo.grads import Estimator
-from jaxalgo.parallel._collectives import STATE_MERGES
-from jaxalgo.parallel._daso._config import PHASES, DasoConfig
+from jaxalgo.parallel._collectives import STATE_MERGES, StateMerge
+from jaxalgo.parallel._daso._config import PHASES, DasoConfig, Phase
 from jaxalgo.parallel._daso._schedule import DasoSchedule, daso_phase, daso_window
 from jaxalgo.parallel._daso._state import REPLICATED, DasoTrainState, Layout, init_state
 from jaxalgo.parallel._daso._steps import make_step, make_window
 from jaxalgo.parallel._data_parallel import reshard
-from jaxalgo.parallel._forward_dp import check_reduce
+from jaxalgo.parallel._forward_dp import Reduction, check_reduce
 from jaxalgo.parallel._mesh import LOCAL_AXIS, NODE_AXIS
 
 
@@ -37,7 +37,7 @@ class Daso:
         the ``S`` steps (``len(batches) = S + 1``; ``loss_per_node`` has shape ``(P, S + 1)``); built once per
         ``S``. It equals the step programs ``send, local x (S - 1), merge``.
       consensus: ``consensus(params) -> params``, the average over nodes (replicated), for evaluation.
-      phase: ``phase(step, *, steps_per_epoch, total_epochs, schedule) -> str``.
+      phase: ``phase(step, *, steps_per_epoch, total_epochs, schedule)``, one of :data:`PHASES`.
       window_length: ``window_length(step, *, steps_per_epoch, total_epochs, schedule) -> int``, ``S + 1`` if
         ``step`` is a send whose merge is in the same epoch, else 1 (:func:`daso_window`).
     """
@@ -45,7 +45,7 @@ class Daso:
     config: DasoConfig
     mesh: Mesh
     init: Callable[[Any], DasoTrainState]
-    steps: dict[str, Callable[..., tuple[DasoTrainState, jax.Array]]]
+    steps: dict[Phase, Callable[..., tuple[DasoTrainState, jax.Array]]]
     window: Callable[[int], Callable[..., tuple[DasoTrainState, jax.Array]]]
     consensus: Callable[[Any], Any]
     node_axis: str
@@ -55,7 +55,7 @@ class Daso:
     def num_nodes(self) -> int:
         return self.mesh.shape[self.node_axis]
 
-    def phase(self, step: int, *, steps_per_epoch: int, total_epochs: int, schedule: DasoSchedule) -> str:
+    def phase(self, step: int, *, steps_per_epoch: int, total_epochs: int, schedule: DasoSchedule) -> Phase:
         return daso_phase(step, **self._where(steps_per_epoch, total_epochs, schedule))
 
     def window_length(self, step: int, *, steps_per_epoch: int, total_epochs: int, schedule: DasoSchedule) -> int:
@@ -85,8 +85,8 @@ def daso(
     *,
     node_axis: str = NODE_AXIS,
     local_axis: str = LOCAL_AXIS,
-    state_merge: str = "delta_sum",
-    reduce: str = "auto",
+    state_merge: StateMerge = "delta_sum",
+    reduce: Reduction = "auto",
 ) -> Daso:
     """Builds DASO's per-phase training steps and window programs (see :mod:`jaxalgo.parallel._daso` for the
     algorithm).

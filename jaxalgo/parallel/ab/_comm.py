@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import typing
+from typing import Any, Literal
 
 import jax
 from jax.sharding import PartitionSpec as P
@@ -10,8 +11,13 @@ from jax.sharding import PartitionSpec as P
 from jaxalgo.parallel._comm import CommReport, comm_report
 from jaxalgo.parallel._data_parallel import reshard
 from jaxalgo.parallel.ab._config import AB_AXES
+from jaxalgo.parallel.ab._schedule import Phase
 from jaxalgo.parallel.ab._state import ABTrainState
 from jaxalgo.parallel.ab._training import AB
+
+Program = Literal[Phase, "sync"]
+"""The AB programs whose traffic :func:`ab_comm` reports: the two step phases and the sync."""
+PROGRAMS: tuple[Program, ...] = typing.get_args(Program)
 
 
 def ab_comm(ab: AB, state: ABTrainState, batch: Any, run_key: jax.Array) -> dict[str, Any]:
@@ -31,7 +37,9 @@ def ab_comm(ab: AB, state: ABTrainState, batch: Any, run_key: jax.Array) -> dict
       ``S = steps_between_syncs``, ``D = ddp_steps_after_sync`` (bytes as requested by the program, i.e. before
       XLA:CPU widens bf16).
     """
-    reports = {program: ab_program_report(ab, program, state, batch, run_key) for program in ("ddp", "group", "sync")}
+    reports: dict[str, CommReport] = {
+        program: ab_program_report(ab, program, state, batch, run_key) for program in PROGRAMS
+    }
     period, ddp = ab.config.steps_between_syncs, ab.config.ddp_steps_after_sync
     out: dict[str, Any] = dict(reports)
     for level, count in (
@@ -47,9 +55,11 @@ def ab_comm(ab: AB, state: ABTrainState, batch: Any, run_key: jax.Array) -> dict
     return out
 
 
-def ab_program_report(ab: AB, program: str, state: ABTrainState, batch: Any, run_key: jax.Array) -> CommReport:
+def ab_program_report(ab: AB, program: Program, state: ABTrainState, batch: Any, run_key: jax.Array) -> CommReport:
     """The :class:`~jaxalgo.parallel.CommReport` of one AB program at the state's factor sizes: ``"ddp"`` or
     ``"group"`` (a step, lowered as the runs call it, so the compilation is shared with them) or ``"sync"``."""
+    if program not in PROGRAMS:
+        raise ValueError(f"program: unknown program {program!r}; allowed: {', '.join(PROGRAMS)}")
     if program == "sync":
         return comm_report(ab.sync_program, state.train, state.opt_state, mesh=ab.mesh)
     batch = reshard(batch, ab.mesh, P(AB_AXES))

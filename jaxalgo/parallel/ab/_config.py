@@ -17,6 +17,17 @@ from jaxalgo.parallel._mesh import make_mesh
 GROUP_AXIS, DP_AXIS = "group", "dp"
 AB_AXES: tuple[str, str] = (GROUP_AXIS, DP_AXIS)
 
+SyncMode = Literal["full", "with-stale", "only-learned", "only-b"]
+"""How AB-training merges the groups' models at a sync (see :class:`ABConfig`'s ``sync_mode``)."""
+SYNC_MODES: tuple[SyncMode, ...] = typing.get_args(SyncMode)
+
+
+def check_sync_mode(sync_mode: SyncMode) -> SyncMode:
+    """Returns ``sync_mode`` if it is one of :data:`SYNC_MODES`, else raises a ValueError naming the choices."""
+    if not isinstance(sync_mode, str) or sync_mode not in SYNC_MODES:
+        raise ValueError(f"sync_mode: unknown mode {sync_mode!r}; allowed: {', '.join(SYNC_MODES)}")
+    return sync_mode
+
 
 @dataclasses.dataclass(frozen=True)
 class ABConfig:
@@ -40,7 +51,7 @@ class ABConfig:
     warmup_steps: int = 50
     steps_between_syncs: int = 20
     ddp_steps_after_sync: int = 1
-    sync_mode: Literal["full", "with-stale", "only-learned", "only-b"] = "full"
+    sync_mode: SyncMode = "full"
     cutoff: float | None = 0.15
     lr_rebound_steps: int = 5
     lr_rebound_floor: float = 1e-5
@@ -49,8 +60,7 @@ class ABConfig:
 
     def __post_init__(self):
         # The mode first, so that an unknown one is reported as such (check_fields would word it generically).
-        if self.sync_mode not in SYNC_MODES:
-            raise ValueError(f"sync_mode: unknown mode {self.sync_mode!r}; allowed: {', '.join(SYNC_MODES)}")
+        check_sync_mode(self.sync_mode)
         check_fields(self)
         lows = {"warmup_steps": 0, "steps_between_syncs": 1, "ddp_steps_after_sync": 0, "lr_rebound_steps": 0}
         for name, low in lows.items():
@@ -71,16 +81,14 @@ class ABConfig:
             raise ValueError(f"min_aspect: must be a number in [0, 1), got {self.min_aspect!r}")
 
 
-SYNC_MODES: tuple[str, ...] = typing.get_args(typing.get_type_hints(ABConfig)["sync_mode"])
-
-
-def ab_mesh(group_size: int, *, devices: Sequence[jax.Device] | None = None, sync_mode: str = "full") -> Mesh:
+def ab_mesh(group_size: int, *, devices: Sequence[jax.Device] | None = None, sync_mode: SyncMode = "full") -> Mesh:
     """The ``("group", "dp")`` mesh of ``len(devices) / group_size`` groups of ``group_size`` contiguous devices.
 
     Raises:
       ValueError: ``group_size`` does not divide the device count, or the number of groups is odd (A and B groups
-        come in equal halves; only ``sync_mode="only-b"`` accepts any number).
+        come in equal halves; only ``sync_mode="only-b"`` accepts any number), or ``sync_mode`` is unknown.
     """
+    check_sync_mode(sync_mode)
     devices = list(jax.devices() if devices is None else devices)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size: must be an integer >= 1, got {group_size!r}")
@@ -93,9 +101,10 @@ def ab_mesh(group_size: int, *, devices: Sequence[jax.Device] | None = None, syn
     return mesh
 
 
-def check_ab_mesh(mesh: Mesh, sync_mode: str = "full") -> None:
-    """Raises ValueError unless ``mesh`` has the axes ``("group", "dp")`` and (except for ``only-b``) an even
-    number of groups."""
+def check_ab_mesh(mesh: Mesh, sync_mode: SyncMode = "full") -> None:
+    """Raises ValueError unless ``sync_mode`` is one of :data:`SYNC_MODES` and ``mesh`` has the axes
+    ``("group", "dp")`` and (except for ``only-b``) an even number of groups."""
+    check_sync_mode(sync_mode)
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh: expected a jax.sharding.Mesh, got {type(mesh).__name__}")
     if tuple(mesh.axis_names) != AB_AXES:

@@ -3,10 +3,19 @@ uninterrupted one does."""
 
 from __future__ import annotations
 
+import typing
+from typing import Literal
+
 from jaxalgo.parallel.ab._config import ABConfig
 
+Phase = Literal["ddp", "group"]
+"""What an AB-training step trains: the full-rank model on every device, or each group its factor (A or B)."""
+PHASES: tuple[Phase, ...] = typing.get_args(Phase)
+Event = Literal["sync", "factorize"]
+"""A transition run before a step: merge the groups' models, or re-factorise (re-SVD) the kernels."""
 
-def ab_schedule(step: int, config: ABConfig) -> tuple[tuple[str, ...], str]:
+
+def ab_schedule(step: int, config: ABConfig) -> tuple[tuple[Event, ...], Phase]:
     """``(events, phase)`` of step ``step`` (0-based): the transitions run before it, and its phase.
 
     Events: ``"sync"`` (merge the groups' models; starts every cycle but the first) and ``"factorize"`` (re-SVD
@@ -20,7 +29,7 @@ def ab_schedule(step: int, config: ABConfig) -> tuple[tuple[str, ...], str]:
     cycle, offset = divmod(u, period)
     sync = cycle > 0 and offset == 0
     factorize = u >= ddp and (u - ddp) % period == 0
-    order = ("factorize", "sync") if ddp == period else ("sync", "factorize")
+    order: tuple[Event, Event] = ("factorize", "sync") if ddp == period else ("sync", "factorize")
     wanted = {"sync": sync, "factorize": factorize}
     events = tuple(e for e in order if wanted[e])
     return events, "ddp" if offset < ddp else "group"

@@ -26,6 +26,7 @@ from jaxalgo.parallel._collectives import mean_over, merge_replicated_state, var
 from jaxalgo.parallel._data_parallel import check_batch, reshard
 from jaxalgo.parallel.ab._config import AB_AXES, DP_AXIS, GROUP_AXIS
 from jaxalgo.parallel.ab._layers import kernel_mask, matrix, with_kernels
+from jaxalgo.parallel.ab._schedule import PHASES, Phase
 from jaxalgo.parallel.ab._state import (
     DATA,
     PER_GROUP,
@@ -37,8 +38,6 @@ from jaxalgo.parallel.ab._state import (
     resized,
     restack,
 )
-
-PHASES: tuple[str, ...] = ("ddp", "group")
 
 
 def composed(layout: Layout, train: Any) -> Any:
@@ -109,7 +108,7 @@ _PHASE_PARTS = {
 }
 
 
-def trained_mask(layout: Layout, train: Any, phase: str, a_group: jax.Array) -> Any:
+def trained_mask(layout: Layout, train: Any, phase: Phase, a_group: jax.Array) -> Any:
     """Which leaves of the train tree ``phase`` trains: the shared parameters always, the factorised kernels in
     ``"ddp"``, ``A`` (A-groups) or ``B`` (B-groups) in ``"group"``."""
     params_mask = kernel_mask(train["params"], layout.layers, phase == "ddp", True)
@@ -135,7 +134,7 @@ def device_step(
     layout: Layout,
     estimator: Estimator,
     optimizer: optax.GradientTransformation,
-    phase: str,
+    phase: Phase,
     step,
     train,
     estimator_state,
@@ -161,7 +160,7 @@ def device_step(
     return restack(train), new_est, restack(opt_state), loss_sum + loss, loss
 
 
-def make_step(layout: Layout, estimator: Estimator, optimizer: optax.GradientTransformation, phase: str):
+def make_step(layout: Layout, estimator: Estimator, optimizer: optax.GradientTransformation, phase: Phase):
     """The jitted ``step(state, batch, run_key, lr_factor) -> (state, loss_per_group)`` of ``phase`` (state
     donated; the batch is sharded over both axes, ``lr_factor`` scales the optimizer's update)."""
     if phase not in PHASES:

@@ -18,7 +18,7 @@ import optax
 from optax import tree_utils as otu
 
 from jaxalgo.parallel._collectives import mean_over
-from jaxalgo.parallel.ab._config import GROUP_AXIS, SYNC_MODES
+from jaxalgo.parallel.ab._config import GROUP_AXIS, SYNC_MODES, SyncMode
 from jaxalgo.parallel.ab._layers import kernel_mask, with_kernels
 from jaxalgo.parallel.ab._state import PER_GROUP, ABTrainState, Layout, is_a_group, own, restack
 
@@ -47,7 +47,7 @@ def merge_only_b(layout: Layout, a: jax.Array, b: jax.Array, a_group: jax.Array)
     return a @ mean_over(b, GROUP_AXIS)
 
 
-MERGES: dict[str, Callable[[Layout, jax.Array, jax.Array, jax.Array], jax.Array]] = {
+MERGES: dict[SyncMode, Callable[[Layout, jax.Array, jax.Array, jax.Array], jax.Array]] = {
     "full": merge_full,
     "with-stale": merge_with_stale,
     "only-learned": merge_only_learned,

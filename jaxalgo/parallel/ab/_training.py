@@ -23,8 +23,9 @@ from jaxalgo.parallel.ab._factorize import (
     svd_program,
 )
 from jaxalgo.parallel.ab._layers import ABLayer, find_ab_layers
+from jaxalgo.parallel.ab._schedule import PHASES, Phase
 from jaxalgo.parallel.ab._state import ABTrainState, Layout, init_state
-from jaxalgo.parallel.ab._steps import PHASES, make_step
+from jaxalgo.parallel.ab._steps import make_step
 from jaxalgo.parallel.ab._sync import consensus, make_sync_program, sync
 
 
@@ -45,7 +46,7 @@ class AB:
     mesh: Mesh
     layers: tuple[ABLayer, ...]
     init: Callable[[Any], ABTrainState]
-    steps: dict[str, Callable[..., tuple[ABTrainState, jax.Array]]]
+    steps: dict[Phase, Callable[..., tuple[ABTrainState, jax.Array]]]
     sync: Callable[[ABTrainState], ABTrainState]
     factorize: Callable[..., ABTrainState]
     consensus: Callable[[ABTrainState, bool], Any]
