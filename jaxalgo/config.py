@@ -18,10 +18,15 @@ import json
 import math
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from jaxalgo import data, grads, losses, lowrank, models, optimizers, parallel
+from jaxalgo.data._split import Standardize
 from jaxalgo.options import Entry, Flag, attribute_docs, check_fields, flags_of, from_flags, pick, to_flags
+
+FamilyName = Literal["model", "estimator", "optimizer", "parallel", "lowrank"]
+"""The families of choices of a run (the :class:`RunConfig` fields that hold a :class:`Choice`)."""
+FAMILY_NAMES: tuple[FamilyName, ...] = typing.get_args(FamilyName)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +41,7 @@ class Family:
       find: how a name is looked up, when more than the catalogue's names are allowed (models: ``module:function``).
     """
 
-    name: str
+    name: FamilyName
     default: str
     entries: Mapping[str, Entry]
     noun: str
@@ -55,7 +60,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("parallel", "none", parallel.STRATEGIES, "mode"),
     Family("lowrank", "none", lowrank.LOWRANK, "method"),
 )
-FAMILY_NAMES: tuple[str, ...] = tuple(f.name for f in FAMILIES)
+assert tuple(f.name for f in FAMILIES) == FAMILY_NAMES
 
 # Fields that may differ between a checkpointed run and the run that resumes it: they do not change what has
 # been computed so far, or are meant to change (the learning rate, to recover from a divergence).
@@ -76,15 +81,17 @@ class Choice:
 
 
 def _family(name: str) -> Family:
+    if name not in FAMILY_NAMES:
+        raise ValueError(f"family: unknown family {name!r}; allowed: {', '.join(FAMILY_NAMES)}")
     return FAMILIES[FAMILY_NAMES.index(name)]
 
 
-def _default_choice(family_name: str) -> Choice:
+def _default_choice(family_name: FamilyName) -> Choice:
     family = _family(family_name)
     return Choice(family.default, family.lookup(family.default).make())
 
 
-def _choice_field(family_name: str):
+def _choice_field(family_name: FamilyName):
     return dataclasses.field(default_factory=lambda: _default_choice(family_name))
 
 
@@ -126,7 +133,7 @@ class RunConfig:
     dataset: str = "digits"
     data_dir: str | None = None
     test_fraction: float = 0.2
-    standardize: typing.Literal["channel", "feature", "global"] = "channel"
+    standardize: Standardize = "channel"
     loss: typing.Literal["auto", losses.LossName] = "auto"
     epochs: int = 20
     batch_size: int = 64
@@ -216,9 +223,10 @@ class RunConfig:
         """The flags a checkpoint must agree on to be resumed by this config."""
         return {k: v for k, v in self.flags().items() if k not in RESUMABLE_FIELDS}
 
-    def entry(self, family: str) -> Entry:
-        """The catalogue entry chosen for ``family`` (``config.entry("estimator")``)."""
-        return getattr(self, family).entry(_family(family))
+    def entry(self, family: FamilyName) -> Entry:
+        """The catalogue entry chosen for ``family`` (``config.entry("estimator")``), one of :data:`FAMILY_NAMES`."""
+        checked = _family(family)  # first: a ValueError naming the families, for any other name
+        return getattr(self, family).entry(checked)
 
 
 def _every_flag() -> dict[str, list[tuple[Family, str]]]:

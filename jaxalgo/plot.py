@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -31,7 +32,9 @@ from jaxalgo.workdir import read_metrics
 
 METRICS_FILE = "metrics.jsonl"
 FORMATS = (".png", ".svg")
-AXES = ("steps", "seconds", "both")
+Axis = Literal["steps", "seconds", "both"]
+"""The horizontal axis of :func:`plot_runs`: steps, seconds, or both side by side."""
+AXES: tuple[Axis, ...] = typing.get_args(Axis)
 PANEL_SIZE = (5.0, 3.5)  # inches of one panel; the figure is (columns * width, 2 * height)
 DPI = 100
 # flags that do not change a run's curves: never used to tell runs apart in the legend
@@ -144,7 +147,7 @@ def run_labels(runs: Sequence[RunCurves]) -> list[str]:
     return labels
 
 
-def _check_arguments(runs: Sequence[Any], output: str, x: str) -> None:
+def _check_arguments(runs: Sequence[Any], output: str, x: Axis) -> None:
     if isinstance(runs, str | os.PathLike) or not runs:
         raise ValueError(f"runs: give one or more run directories or metrics files, got {runs!r}")
     suffix = os.path.splitext(output)[1].lower()
@@ -154,7 +157,7 @@ def _check_arguments(runs: Sequence[Any], output: str, x: str) -> None:
         raise ValueError(f"x: {x!r} is not an axis; allowed: {', '.join(AXES)}")
 
 
-def figure_size(x: str) -> tuple[float, float]:
+def figure_size(x: Axis) -> tuple[float, float]:
     """The figure's size in inches for ``x`` (``"both"``: two columns of panels, else one)."""
     columns = 2 if x == "both" else 1
     return (columns * PANEL_SIZE[0], 2 * PANEL_SIZE[1])
@@ -164,7 +167,7 @@ def plot_runs(
     runs: Sequence[str | os.PathLike],
     output: str | os.PathLike,
     *,
-    x: Literal["steps", "seconds", "both"] = "both",
+    x: Axis = "both",
     dpi: int = DPI,
 ) -> str:
     """Draws the curves of ``runs`` into ``output`` (PNG or SVG, by the extension); returns its path.
@@ -199,7 +202,7 @@ def plot_runs(
     return output
 
 
-def _draw(curves: Sequence[RunCurves], labels: Sequence[str], x: str, dpi: int) -> Any:
+def _draw(curves: Sequence[RunCurves], labels: Sequence[str], x: Axis, dpi: int) -> Any:
     """The figure: a row for the metric, a row for the losses; a column per horizontal axis."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D

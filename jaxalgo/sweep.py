@@ -51,6 +51,7 @@ import os
 import shlex
 import sys
 import time
+import typing
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -60,7 +61,7 @@ import numpy as np
 
 from jaxalgo import data
 from jaxalgo.checkpoint import Checkpointer, CheckpointMismatchError, check_record_matches
-from jaxalgo.config import FAMILY_NAMES, RunConfig
+from jaxalgo.config import FAMILY_NAMES, FamilyName, RunConfig
 from jaxalgo.data._split import split_indices
 from jaxalgo.options import errors_as_flags
 from jaxalgo.runner import Experiment, Runner, SingleDeviceRunner, TrainState, make_evaluate, make_train_step, run_keys
@@ -71,7 +72,9 @@ from jaxalgo.workdir import WorkdirLock, write_metrics
 SWEEP_FILE = "sweep.json"
 PLOT_FILE = "sweep.png"
 DEFAULT_VAL_FRACTION = 0.1
-MODES = ("auto", "vmap", "sequential")
+SweepMode = Literal["auto", "vmap", "sequential"]
+"""How :func:`sweep` runs the values: as :func:`plan` decides, as one vmapped program, or one after another."""
+MODES: tuple[SweepMode, ...] = typing.get_args(SweepMode)
 _VMAP_FAMILIES = ("estimator", "optimizer")
 _IDENTITY = ("option", "values", "val_fraction", "mode")
 
@@ -146,9 +149,9 @@ def check_values(values: Sequence[float], *, argument: str = "values") -> tuple[
 # -- the option -----------------------------------------------------------------------------------------------------
 
 
-def float_options(config: RunConfig) -> dict[str, str]:
+def float_options(config: RunConfig) -> dict[str, FamilyName]:
     """``{flag: family}`` of the float options of the entries ``config`` chooses (the flags a sweep may vary)."""
-    found = {}
+    found: dict[str, FamilyName] = {}
     for family in FAMILY_NAMES:
         for flag in config.entry(family).flags:
             if flag.type is float:
@@ -156,7 +159,7 @@ def float_options(config: RunConfig) -> dict[str, str]:
     return found
 
 
-def check_option(config: RunConfig, option: str) -> str:
+def check_option(config: RunConfig, option: str) -> FamilyName:
     """The family of float option ``option`` of ``config``; a ValueError naming ``option`` and what is allowed."""
     allowed = float_options(config)
     if option in allowed:
@@ -171,7 +174,7 @@ def check_option(config: RunConfig, option: str) -> str:
     raise ValueError(f"option: unknown option {option!r} for this configuration; float options: {names}")
 
 
-def _flag_of(config: RunConfig, family: str, option: str):
+def _flag_of(config: RunConfig, family: FamilyName, option: str):
     return next(f for f in config.entry(family).flags if f.name == option)
 
 
@@ -241,7 +244,7 @@ def validation_experiment(config: RunConfig, val_fraction: float) -> Experiment:
 # -- the plan -------------------------------------------------------------------------------------------------------
 
 
-def _lane_builder(config: RunConfig, experiment: Experiment, family: str, option: str):
+def _lane_builder(config: RunConfig, experiment: Experiment, family: FamilyName, option: str):
     """``build(h) -> (estimator, optimizer)`` with option ``option`` of ``family`` set to ``h`` (a tracer)."""
     path = _flag_of(config, family, option).path
 
@@ -317,7 +320,7 @@ def _make_step(build):
 class _VmapLanes:
     """Every value's train state stacked on a leading axis, advanced by one vmapped, jit-compiled step."""
 
-    def __init__(self, config: RunConfig, experiment: Experiment, family: str, option: str, values):
+    def __init__(self, config: RunConfig, experiment: Experiment, family: FamilyName, option: str, values):
         build = _lane_builder(config, experiment, family, option)
         self.count = len(values)
         self.values = jnp.asarray(values, jnp.float32)
@@ -631,7 +634,7 @@ def sweep(
     workdir: str | os.PathLike,
     *,
     val_fraction: float = DEFAULT_VAL_FRACTION,
-    mode: Literal["auto", "vmap", "sequential"] = "auto",
+    mode: SweepMode = "auto",
     resume: bool = False,
     plot: bool = True,
 ) -> SweepResult:
@@ -836,7 +839,7 @@ def train_command(config: RunConfig) -> str:
     """The ``jaxalgo train`` command line of ``config``: every flag that differs from the library's default for
     the chosen entries (``RunConfig.from_dict(...).flags()`` of the command's flags equals ``config.flags()``)."""
     view = config.flags()
-    families = {name: view[name] for name in FAMILY_NAMES}
+    families: dict[str, Any] = {name: view[name] for name in FAMILY_NAMES}
     defaults = RunConfig.from_flags(families).flags()
     words = ["jaxalgo", "train"]
     for name, value in view.items():
