@@ -32,11 +32,13 @@ from jaxalgo.parallel import (
     resolve_processes,
 )
 from jaxalgo.plot import AXES, plot_runs
+from jaxalgo.runner import StrategyOptions
 from jaxalgo.sweep import (
     DEFAULT_VAL_FRACTION,
     MODES,
     PLOT_FILE,
     SWEEP_FILE,
+    SweepMode,
     check_option,
     format_table,
     parse_values,
@@ -217,7 +219,7 @@ def _add_sweep_command(commands: Any, train: argparse.ArgumentParser) -> None:
                 target._add_action(action)
 
 
-def _sweep_plan(args: argparse.Namespace) -> tuple[RunConfig, str, tuple[float, ...], float, str]:
+def _sweep_plan(args: argparse.Namespace) -> tuple[RunConfig, str, tuple[float, ...], float, SweepMode]:
     """``(config, option, values, val_fraction, mode)`` of the parsed arguments; with ``--resume`` the flags not
     given take the values of the sweep in ``--workdir`` (its sweep.json)."""
     given = {k: v for k, v in vars(args).items() if k not in (*_PROCESS_FLAGS, *_SWEEP_FLAGS, "command")}
@@ -240,7 +242,8 @@ def _sweep_plan(args: argparse.Namespace) -> tuple[RunConfig, str, tuple[float, 
     config = config or RunConfig.from_flags(given)
     check_option(config, option)
     fraction = args.val_fraction if args.val_fraction is not None else saved.get("val_fraction", DEFAULT_VAL_FRACTION)
-    mode = args.sweep_mode or ("auto" if not saved else saved.get("mode", "auto"))
+    # --sweep-mode is one of MODES (argparse's choices); a mode read from sweep.json is checked by sweep()
+    mode: SweepMode = args.sweep_mode or saved.get("mode", "auto")
     return config, option, values, fraction, mode
 
 
@@ -296,8 +299,10 @@ def _start_devices(args: argparse.Namespace, config: RunConfig) -> None:
         if not 0 < value < float("inf"):
             raise ValueError(f"{name}: must be a number of seconds > 0, got {value:g}")
     plan = resolve_processes(args.coordinator, args.num_processes, args.process_id)
-    if plan.multi_process and type(config.parallel.options).single_device:
-        multi = ", ".join(n for n, e in STRATEGIES.items() if not e.options.single_device)
+    strategy: StrategyOptions = config.parallel.options
+    if plan.multi_process and type(strategy).single_device:
+        # an entry's options class is a StrategyOptions, whose single_device ClassVar the catalogue's type cannot show
+        multi = ", ".join(n for n, e in STRATEGIES.items() if not getattr(e.options, "single_device", True))
         raise ValueError(
             f"parallel: {config.parallel.name!r} runs on one device, but this run has {plan.num_processes} processes "
             f"({plan.method}); choose a strategy for several devices ({multi}) or start a single process"

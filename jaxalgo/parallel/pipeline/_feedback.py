@@ -60,6 +60,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxalgo.grads import FeedbackOptions, Problem
 from jaxalgo.grads import _f3 as f3_maths
+from jaxalgo.grads._f3 import F3Variant
 from jaxalgo.parallel._mesh import place, replicate
 from jaxalgo.parallel.pipeline._layout import STAGE_AXIS, Packing, StageLayout, pack_rows, split_stages, unpack_rows
 from jaxalgo.parallel.pipeline._stages import (
@@ -73,7 +74,7 @@ from jaxalgo.parallel.pipeline._stages import (
     varying,
 )
 
-SIGNAL_BEFORE_FORWARD: tuple[str, ...] = (
+SIGNAL_BEFORE_FORWARD: tuple[F3Variant, ...] = (
     *f3_maths.DELAYED_VARIANTS,
     f3_maths.FEEDBACK_PRESETS["drtp"]["variant"],
     f3_maths.FEEDBACK_PRESETS["llo"]["variant"],
@@ -146,7 +147,7 @@ def mean_loss(output: PipelineOutput) -> float:
     return float(np.mean(done)) if done.size else float("nan")
 
 
-def refuse_update_locked(variant: str) -> None:
+def refuse_update_locked(variant: F3Variant) -> None:
     """Raises ValueError for a feedback variant whose signal needs the current output (DFA): update locking."""
     if variant not in SIGNAL_BEFORE_FORWARD:
         raise ValueError(
@@ -178,7 +179,7 @@ class FeedbackPipeline:
     mesh: Mesh
     num_microbatches: int
     microbatch_size: int
-    variant: str
+    variant: F3Variant
     spec: Any
     estimator: Any
     optimizer: optax.GradientTransformation
@@ -388,7 +389,7 @@ class FeedbackPipeline:
                 body,
                 mesh=self.mesh,
                 in_specs=(*specs, P(), P(), P()),
-                out_specs=(specs, PipelineOutput(P(STAGE_AXIS), P(STAGE_AXIS))),
+                out_specs=(specs, P(STAGE_AXIS)),  # every leaf of the PipelineOutput: one row per stage
             )
             (params, opt_state, feedback, errors, inflight), output = sharded(*staged, x, y, idx)
             new = FeedbackPipelineState(state.step + 1, params, opt_state, feedback, errors, inflight)
@@ -465,6 +466,7 @@ def feedback_pipeline(
         raise TypeError(f"options: expected jaxalgo.grads.FeedbackOptions, got {type(options).__name__}")
     refuse_update_locked(options.variant)
     problem.require("chain", "output_loss", "input_shape", "train_targets", "key", by="the feedback pipeline")
+    assert problem.input_shape is not None  # checked by require
     num_stages = num_stages_of(mesh)
     num_microbatches = check_positive_int("num_microbatches", num_microbatches)
     microbatch_size = check_positive_int("microbatch_size", microbatch_size)
@@ -515,9 +517,9 @@ def stale_reads(orders: Sequence[Sequence[int]], microbatch_size: int, num_stage
     last_visit: dict[int, int] = {}
     stale, m = 0, 0
     for order in orders:
-        order = np.asarray(order)
-        for start in range(0, len(order) - microbatch_size + 1, microbatch_size):
-            for i in order[start : start + microbatch_size].tolist():
+        visits = np.asarray(order)
+        for start in range(0, len(visits) - microbatch_size + 1, microbatch_size):
+            for i in visits[start : start + microbatch_size].tolist():
                 if i in last_visit and m - last_visit[i] < num_stages:
                     stale += 1
                 last_visit[i] = m

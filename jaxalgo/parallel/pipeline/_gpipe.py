@@ -249,8 +249,8 @@ class GPipe:
             y = batch["y"].astype(self.target_dtype)
             staged = (state.params, state.opt_state)
             specs = stage_specs(staged)
-            out_specs = GPipeOutput(P(STAGE_AXIS), P(STAGE_AXIS), P(STAGE_AXIS))
-            sharded = jax.shard_map(body, mesh=self.mesh, in_specs=(*specs, P(), P()), out_specs=(specs, out_specs))
+            out_specs = (specs, P(STAGE_AXIS))  # every leaf of the GPipeOutput: one row per stage
+            sharded = jax.shard_map(body, mesh=self.mesh, in_specs=(*specs, P(), P()), out_specs=out_specs)
             (params, opt_state), output = sharded(*staged, x, y)
             return GPipeState(state.step + 1, params, opt_state), output
 
@@ -297,6 +297,7 @@ def gpipe(
       A :class:`GPipe`: ``state = pipe.init(params)``, ``state, output = pipe.run(state, batch)``.
     """
     problem.require("chain", "output_loss", "input_shape", "train_targets", by="the GPipe pipeline")
+    assert problem.output_loss is not None and problem.input_shape is not None  # checked by require
     num_stages = num_stages_of(mesh)
     num_microbatches = check_positive_int("num_microbatches", num_microbatches)
     microbatch_size = check_positive_int("microbatch_size", microbatch_size)
