@@ -36,10 +36,6 @@ myst_heading_anchors = 3
 # Notebooks (notebooks/*.ipynb through the docs/notebooks link) and the pages written as MyST notebooks are
 # executed by this build, once; "cache" reuses an execution while the code cells are unchanged (a fresh
 # checkout, as in CI, executes everything). A failing cell fails the build.
-# The kernels inherit JAX's persistent compilation cache: a program that comes again (a seed's run, a repeated
-# evaluation) is loaded, not compiled again.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(__file__), "_build", ".jax_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 nb_execution_mode = "cache"
 nb_execution_cache_path = os.path.join(os.path.dirname(__file__), "_build", ".jupyter_cache")
 nb_execution_raise_on_error = True
