@@ -20,12 +20,11 @@ better); FROG (orthogonal projection) at k = 1, 4, 16, 64 tangents, each with it
 2023, arXiv 2306.06968: more tangents, a better estimate). Then a markdown table, the wall and CPU time, and one
 JSON line.
 
-Measured cost (docs/guides/leaderboard.md): ``--quick`` 430 CPU-s; the full setting about 1 200 CPU-s for the 14
-estimators on digits, diabetes about twice and MNIST-1D about 4 times that per cell, so the full setting with FROG at
-k = 64 does not fit in an hour on 2 cores: restrict it with ``--datasets``, ``--estimators``, ``--epochs``, ``--values``
+Measured cost (docs/guides/leaderboard.md): the full setting (FULL) 5546 CPU-s, 59 min of wall time in 2 worker
+processes (``--jobs``) on 2 cores; ``--quick`` 430 CPU-s.
 
     python benchmarks/leaderboard.py --quick            # the docs build's setting: a few minutes
-    python benchmarks/leaderboard.py                    # the full setting (see FULL): several CPU-hours
+    python benchmarks/leaderboard.py                    # the full setting (see FULL): about an hour on 2 cores
     python benchmarks/leaderboard.py --datasets digits,diabetes --out leaderboard.md
 """
 
