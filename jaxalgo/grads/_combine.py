@@ -113,8 +113,7 @@ def _projection_solve_jvp(primals, tangents):
     rhs = d_d - jnp.tensordot(d_gram, c, axes=1)
     factor = jax.scipy.linalg.cho_factor(gram, lower=True)
     invertible = jnp.all(jnp.isfinite(factor[0]))  # of the primal only: the tangent map stays linear
-    pseudo = jnp.tensordot(jnp.linalg.pinv(gram, hermitian=True), rhs, axes=1)
-    return c, jnp.where(invertible, jax.scipy.linalg.cho_solve(factor, rhs), pseudo)
+    return c, jnp.where(invertible, jax.scipy.linalg.cho_solve(factor, rhs), _pseudo_solve(gram, rhs))
 
 
 @jax.custom_batching.custom_vmap
