@@ -394,6 +394,10 @@ def test_vmapped_projection_solves_each_lane_alone_and_differentiates_like_the_s
         exact = jax.grad(lambda x, d: jnp.linalg.solve(x @ x.T, d) @ w, argnums=(0, 1))(x, d[0])
         for a, b in zip(ours, exact, strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)
+        repeated = np.array([[1.0, 2, 3], [1, 2, 3], [0, 1, 0]])  # its Cholesky factor breaks down (NaN)
+        singular, w3 = repeated @ repeated.T, np.arange(3.0)
+        ours = jax.grad(lambda d: solve(singular, d) @ w3)(np.array([1.0, 1, 2]))  # reverse mode: no NaN
+        np.testing.assert_allclose(np.asarray(ours), np.linalg.pinv(singular) @ w3, rtol=1e-7, atol=1e-10)
     hlo = jax.jit(jax.vmap(solve)).lower(jnp.ones((5, 64, 64)), jnp.ones((5, 64))).compile().as_text()
     eigh_operands = re.findall(r'target="lapack_ssyevd\w*", operand_layout_constraints=\{(f32\[[\d,]*\])', hlo)
     assert eigh_operands and all(shape == "f32[64,64]" for shape in eigh_operands), eigh_operands

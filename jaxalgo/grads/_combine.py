@@ -111,9 +111,11 @@ def _projection_solve_jvp(primals, tangents):
     (gram, d), (d_gram, d_d) = primals, tangents
     c = _projection_solve(gram, d)
     rhs = d_d - jnp.tensordot(d_gram, c, axes=1)
-    factor = jax.scipy.linalg.cho_factor(gram, lower=True)
-    invertible = jnp.all(jnp.isfinite(factor[0]))  # of the primal only: the tangent map stays linear
-    return c, jnp.where(invertible, jax.scipy.linalg.cho_solve(factor, rhs), _pseudo_solve(gram, rhs))
+    lower, _ = jax.scipy.linalg.cho_factor(gram, lower=True)
+    invertible = jnp.all(jnp.isfinite(lower))  # of the primal only: the tangent map stays linear
+    # a broken factor is replaced by the identity, so its unused branch carries no NaN into reverse mode
+    safe = (jnp.where(invertible, lower, jnp.eye(gram.shape[-1], dtype=lower.dtype)), True)
+    return c, jnp.where(invertible, jax.scipy.linalg.cho_solve(safe, rhs), _pseudo_solve(gram, rhs))
 
 
 @jax.custom_batching.custom_vmap
