@@ -257,10 +257,16 @@ def _run_job(job: tuple[str, str, int | None], args: argparse.Namespace, root: s
     )
 
 
+def _start_worker(root: str) -> None:
+    """In a worker process: its own compilation cache (two processes never write one cache at once)."""
+    use_compilation_cache(os.path.join(root, f"cache{os.getpid()}"))
+
+
 def run_jobs(jobs: list[tuple[str, str, int | None]], args: argparse.Namespace, root: str):
     """Yields each job's cell as it finishes: in this process (``--jobs 1``) or in ``args.jobs`` worker processes,
-    each a fresh interpreter (spawn) with its own compilation cache. A cell's figures do not depend on which worker
-    ran it or when: every run is a pure function of its configuration and seed."""
+    each a fresh interpreter (spawn) with its own compilation cache, taking the longest cells first. A cell's
+    figures do not depend on which worker ran it or when: every run is a pure function of its configuration and
+    seed."""
     jobs = sorted(jobs, key=lambda job: -_relative_cost(job, args.epoch_of))
     if args.jobs == 1:
         use_compilation_cache(os.path.join(root, "compilation_cache"))
@@ -268,28 +274,16 @@ def run_jobs(jobs: list[tuple[str, str, int | None]], args: argparse.Namespace, 
             yield _run_job(job, args, root)
         return
     context = multiprocessing.get_context("spawn")  # jax must not be forked once it has started its threads
-    workers = [
-        concurrent.futures.ProcessPoolExecutor(
-            1, mp_context=context, initializer=use_compilation_cache, initargs=(os.path.join(root, f"cache{i}"),)
-        )
-        for i in range(args.jobs)
-    ]
-    try:
-        pending = {}
-        queue = list(jobs)
-        for worker in workers:
-            if queue:
-                pending[worker.submit(_run_job, queue.pop(0), args, root)] = worker
-        while pending:
-            done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in done:
-                worker = pending.pop(future)
-                if queue:
-                    pending[worker.submit(_run_job, queue.pop(0), args, root)] = worker
+    with concurrent.futures.ProcessPoolExecutor(
+        args.jobs, mp_context=context, initializer=_start_worker, initargs=(root,)
+    ) as pool:
+        futures = [pool.submit(_run_job, job, args, root) for job in jobs]  # started in this order
+        try:
+            for future in concurrent.futures.as_completed(futures):
                 yield future.result()
-    finally:
-        for worker in workers:
-            worker.shutdown(cancel_futures=True)
+        finally:
+            for future in futures:
+                future.cancel()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
