@@ -8,6 +8,7 @@ and saves the result. The caller compares both results with ``run`` in the test 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -40,10 +41,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _environment() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+def without_device_count(environ: dict[str, str]) -> dict[str, str]:
+    """The environment with XLA_FLAGS's simulated device count removed (a subprocess chooses its own devices);
+    the other XLA flags, such as the test run's optimisation level (see conftest.py), are kept."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", environ.get("XLA_FLAGS", "")).split()
+    env = {k: v for k, v in environ.items() if k != "XLA_FLAGS"}
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
     return env
+
+
+def _environment() -> dict[str, str]:
+    return without_device_count({**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
 
 
 def run_concurrently(commands: list[list[str]], timeout: float = 150) -> None:

@@ -4,6 +4,12 @@ JAX's persistent compilation cache is on for the whole run, subprocesses include
 many tests compile the same programs (the command line's default run, the same estimator on the same model), and a
 program compiled once is then loaded, not compiled again. The cached executable is the one the compiler made, so no
 result changes; set ``JAX_COMPILATION_CACHE_DIR`` to use another directory.
+
+XLA's CPU backend compiles at LLVM optimisation level 0 (``--xla_backend_optimization_level=0``, subprocesses
+included): the suite's programs are small and compiled once each, so compiling them is most of the suite's time,
+and a less optimised executable computes the same operations (XLA's graph passes, which decide fusion, buffers and
+collectives, run as before: the memory and communication assertions see the same program). Set the flag yourself
+in ``XLA_FLAGS`` to test at another level.
 """
 
 import os
@@ -13,6 +19,8 @@ os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", str(pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax_compilation")
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
 import jax  # after the cache's environment, which jax reads when it starts
 

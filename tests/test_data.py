@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import collections
 import gzip
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ import pytest
 from sklearn import datasets as skd
 
 from jaxalgo import data
+from jaxalgo.data import _bundled
 from jaxalgo.data._split import split_indices
 
 BUNDLED = ("digits", "breast_cancer", "diabetes", "synthetic_regression")
@@ -108,6 +112,36 @@ def _raw(name, seed):
         return bunch.data, bunch.target
     bunch = skd.load_diabetes(scaled=False)
     return bunch.data, bunch.target[:, None]
+
+
+@pytest.mark.parametrize("name", ["digits", "breast_cancer", "diabetes"])
+def test_bundled_files_read_as_scikit_learn_loads_them_and_its_loader_is_the_fallback(name, monkeypatch):
+    """The arrays read from scikit-learn's data files are its loaders' arrays, value for value and in dtype; with
+    the files not found, the loader itself gives them."""
+    expected = _raw(name, 0)
+    for x, y in (_bundled.raw_arrays(name, 0), _bundled._read_bundled_files(name)):
+        for got, want in ((x, expected[0]), (y, expected[1])):
+            assert got.dtype == want.dtype and got.shape == want.shape
+            np.testing.assert_array_equal(got, want)
+    monkeypatch.setattr(_bundled, "_scikit_learn_data_file", lambda filename: None)
+    assert _bundled._read_bundled_files(name) is None
+    for got, want in zip(_bundled.raw_arrays(name, 0), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_loading_a_bundled_set_does_not_import_scikit_learn():
+    """Importing scikit-learn costs seconds at every start of ``jaxalgo train``; the files are read without it."""
+    script = (
+        "import sys\n"
+        "from jaxalgo import data\n"
+        "for name in ('digits', 'breast_cancer', 'diabetes'):\n"
+        "    data.load_dataset(name, seed=0)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'sklearn'))\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("name", ["digits", "breast_cancer", "diabetes"])

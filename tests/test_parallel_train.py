@@ -12,6 +12,7 @@ import chex
 import jax
 import numpy as np
 import pytest
+from _two_processes import without_device_count
 
 from jaxalgo.config import RunConfig
 from jaxalgo.train import train_and_evaluate
@@ -105,8 +106,7 @@ def test_cli_trains_daso_on_simulated_devices(tmp_path):
     command = [sys.executable, "-m", "jaxalgo", "train", "--quiet", "--devices", "8", "--parallel", "daso"]
     command += ["--mesh", "2x4", "--hidden", "64", "--lr", "1e-2", "--epochs", "1", "--daso-warmup-epochs", "1"]
     command += ["--daso-sharded", "--workdir", str(tmp_path / "cli")]
-    env = {**os.environ, "PYTHONPATH": REPO}
-    env.pop("XLA_FLAGS", None)
+    env = without_device_count({**os.environ, "PYTHONPATH": REPO})
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = read_metrics(tmp_path / "cli")

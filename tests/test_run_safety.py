@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from _two_processes import without_device_count
 
 from jaxalgo import train, workdir
 from jaxalgo.checkpoint import CORRUPT_DIR, MANIFEST, CheckpointCorruptError, Checkpointer
@@ -281,8 +282,7 @@ def _cli(workdir: Path, *extra: str) -> list[str]:
 
 
 def test_a_second_run_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_path):
-    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    env = without_device_count({**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
     first = subprocess.Popen(_cli(tmp_path), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120

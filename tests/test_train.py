@@ -65,7 +65,7 @@ def test_resume_after_half_the_epochs_equals_uninterrupted_run(tmp_path):
     assert lines[-1]["final"] and sum(bool(line.get("final")) for line in lines) == 1
 
 
-KILLED = RunConfig.from_flags(hidden=(512, 512), epochs=12, batch_size=32, checkpoint_every=10, quiet=True, seed=1)
+KILLED = RunConfig.from_flags(hidden=(512, 512), epochs=6, batch_size=32, checkpoint_every=10, quiet=True, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def uninterrupted_512(tmp_path_factory):
 def _signal_mid_run(workdir, signum: int) -> subprocess.CompletedProcess:
     """Runs KILLED on the command line and sends ``signum`` once it has checkpointed step 20 or later."""
     command = [sys.executable, "-m", "jaxalgo", "train", "--quiet", "--workdir", str(workdir)]
-    command += ["--hidden", "512,512", "--epochs", "12", "--batch-size", "32", "--checkpoint-every", "10"]
+    command += ["--hidden", "512,512", "--epochs", "6", "--batch-size", "32", "--checkpoint-every", "10"]
     command += ["--seed", "1"]
     env = {**os.environ, "PYTHONPATH": REPO}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -102,7 +102,7 @@ def _signal_mid_run(workdir, signum: int) -> subprocess.CompletedProcess:
 def _assert_resumes_exactly(workdir, uninterrupted_512) -> None:
     full, lines = uninterrupted_512
     resumed = train_and_evaluate(KILLED, workdir, resume=True)["state"]
-    assert int(resumed.step) == int(full.step) == 12 * (1437 // 32)
+    assert int(resumed.step) == int(full.step) == 6 * (1437 // 32)
     chex.assert_trees_all_close(resumed.params, full.params, rtol=1e-6, atol=1e-7)
     chex.assert_trees_all_close(resumed.opt_state, full.opt_state, rtol=1e-6, atol=1e-7)
     restored = load_final_params(workdir, KILLED)
@@ -114,7 +114,7 @@ def test_resume_after_sigkill_mid_run_equals_uninterrupted_run(tmp_path, uninter
     result = _signal_mid_run(tmp_path, signal.SIGKILL)
     assert result.returncode == -signal.SIGKILL
     killed_at = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-    assert 20 <= killed_at < 12 * (1437 // 32)
+    assert 20 <= killed_at < 6 * (1437 // 32)
     _assert_resumes_exactly(tmp_path, uninterrupted_512)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+
 import numpy as np
 
 from jaxalgo.data._dataset import Dataset, Task
@@ -40,9 +43,41 @@ def synthetic_regression_arrays(seed: int) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def raw_arrays(name: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Unprocessed ``(x, y)`` of a bundled data set: digits as (N, 8, 8, 1) images with values 0..16,
-    tabular features as (N, F), classification labels as integers, regression targets as (N, T)."""
+def _scikit_learn_data_file(filename: str) -> pathlib.Path | None:
+    """The path of one of scikit-learn's bundled data files, found without importing scikit-learn (which takes
+    longer than loading the file: seconds at every start of the command line), or None where it is not there."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        return None
+    path = pathlib.Path(spec.origin).parent / "datasets" / "data" / filename
+    return path if path.is_file() else None
+
+
+# The files of scikit-learn's bundled data sets, in its ``datasets/data`` folder.
+_SCIKIT_LEARN_FILES: dict[str, tuple[str, ...]] = {
+    "digits": ("digits.csv.gz",),
+    "breast_cancer": ("breast_cancer.csv",),
+    "diabetes": ("diabetes_data_raw.csv.gz", "diabetes_target.csv.gz"),
+}
+
+
+def _read_bundled_files(name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(x, y)`` read straight from scikit-learn's data files (the arrays its loaders return), or None where a
+    file is missing, so that the loader itself is used."""
+    paths = [_scikit_learn_data_file(filename) for filename in _SCIKIT_LEARN_FILES[name]]
+    if None in paths:
+        return None
+    if name == "digits":
+        table = np.loadtxt(paths[0], delimiter=",")  # 64 pixel values 0..16, then the digit
+        return table[:, :-1].reshape(-1, 8, 8, 1), table[:, -1].astype(int)
+    if name == "breast_cancer":
+        table = np.loadtxt(paths[0], delimiter=",", skiprows=1)  # header: rows, columns, class names
+        return table[:, :-1], table[:, -1].astype(int)
+    features, targets = paths
+    return np.loadtxt(features), np.loadtxt(targets)[:, None]
+
+
+def _load_with_scikit_learn(name: str) -> tuple[np.ndarray, np.ndarray]:
     from sklearn import datasets as skd  # imported here: scikit-learn is slow to import
 
     if name == "digits":
@@ -51,12 +86,23 @@ def raw_arrays(name: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
     if name == "breast_cancer":
         bunch = skd.load_breast_cancer()
         return bunch.data, bunch.target
-    if name == "diabetes":
-        bunch = skd.load_diabetes(scaled=False)
-        return bunch.data, bunch.target[:, None]
+    bunch = skd.load_diabetes(scaled=False)
+    return bunch.data, bunch.target[:, None]
+
+
+def raw_arrays(name: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unprocessed ``(x, y)`` of a bundled data set: digits as (N, 8, 8, 1) images with values 0..16,
+    tabular features as (N, F), classification labels as integers, regression targets as (N, T).
+
+    The scikit-learn sets are read from the files scikit-learn ships (the same arrays as its ``load_digits``,
+    ``load_breast_cancer`` and ``load_diabetes(scaled=False)``, which are used where a file is not found).
+    """
     if name == "synthetic_regression":
         return synthetic_regression_arrays(seed)
-    raise ValueError(f"name: {name!r} is not a bundled data set")
+    if name not in _SCIKIT_LEARN_FILES:
+        raise ValueError(f"name: {name!r} is not a bundled data set")
+    arrays = _read_bundled_files(name)
+    return arrays if arrays is not None else _load_with_scikit_learn(name)
 
 
 _TASKS: dict[str, tuple[Task, int]] = {
