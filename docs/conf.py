@@ -5,10 +5,18 @@ import inspect
 import os
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 sys.path.insert(0, os.path.abspath(".."))
 
+import nbformat
+from jupyter_cache import get_cache
+from jupyter_cache.base import CacheBundleIn
+from jupyter_cache.executors.utils import single_nb_execution
+from myst_nb.core.read import is_myst_markdown_notebook, myst_nb_reader_plugin
 from sphinx.ext.napoleon.docstring import GoogleDocstring
+from sphinx.util import logging
 
 import jaxalgo
 
@@ -42,6 +50,8 @@ nb_execution_raise_on_error = True
 nb_execution_show_tb = True
 nb_execution_timeout = 900
 nb_merge_streams = True
+# Sphinx executes a page when it reads it, and with ``-j N`` the notebooks fall into one reading chunk, one after
+# the other: _execute_notebooks (below) runs the ones not yet in the cache N at a time before reading starts.
 # The kernels inherit this process's environment: XLA's CPU backend compiles them at LLVM optimisation level 0
 # unless XLA_FLAGS already sets one. The pages' programs are small and most of their time is compiling; the
 # operations computed are the same (only the machine code is less optimised), so no figure on a page changes
@@ -126,7 +136,56 @@ def _protocol_signature(app, what, name, obj, options, signature, return_annotat
     return None
 
 
+def _read_notebook(path):
+    """The notebook in ``path`` as myst-nb reads it (its code cells and kernelspec key the cache), or None."""
+    if path.suffix == ".ipynb":
+        return nbformat.read(path, as_version=4)
+    if path.suffix == ".md" and is_myst_markdown_notebook(path.read_text("utf8")):
+        return myst_nb_reader_plugin(str(path))
+    return None
+
+
+def _execute_notebooks(app, env, docnames):
+    """Executes the notebooks among the pages about to be read, ``-j N`` at a time, into the execution cache.
+
+    Each kernel is a process of its own, so N threads here run N notebooks at once. A notebook that fails is
+    not cached: myst-nb executes it again when it reads the page and fails the build with its traceback.
+    """
+    cache = get_cache(nb_execution_cache_path)
+    pending = []
+    for docname in sorted(docnames):
+        path = Path(env.doc2path(docname))
+        notebook = _read_notebook(path)
+        if notebook is None:
+            continue
+        try:
+            cache.match_cache_notebook(notebook)
+        except KeyError:
+            pending.append((path, notebook))
+    pending.sort(key=lambda item: item[0].suffix != ".ipynb")  # the notebooks run longest: first, for a short tail
+    workers = max(1, app.parallel)
+    log = logging.getLogger(__name__)
+    log.info(f"executing {len(pending)} notebooks, {workers} at a time")
+
+    def execute(item):
+        path, notebook = item
+        try:
+            return path, single_nb_execution(
+                notebook, cwd=str(path.parent), timeout=nb_execution_timeout, allow_errors=False
+            )
+        except Exception:  # a kernel that does not start or dies: myst-nb's own execution reports it
+            return path, None
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for path, result in pool.map(execute, pending):
+            if result is not None and result.err is None:
+                bundle = CacheBundleIn(result.nb, str(path), data={"execution_seconds": result.time})
+                cache.cache_notebook_bundle(bundle, check_validity=False, overwrite=True)
+                log.info(f"executed {path.name} in {result.time:.1f} s")
+
+
 def setup(app):
+    app.connect("env-before-read-docs", _execute_notebooks)
     app.connect("autodoc-process-docstring", _drop_inherited_type_docs)
     app.connect("autodoc-skip-member", _skip_namedtuple_fields)
     app.connect("autodoc-process-signature", _protocol_signature)

@@ -8,6 +8,7 @@ check asserts that the jaxalgo it ran lies inside the environment, not in this c
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pathlib
@@ -37,9 +38,20 @@ def _run(args, *, cwd, timeout, env=None):
 
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory):
-    """The sdist and the wheel of this checkout (the wheel is built from the sdist, as ``python -m build`` does)."""
-    out = tmp_path_factory.mktemp("dist")
-    _run([sys.executable, "-m", "build", "--outdir", str(out), str(ROOT)], cwd=out, timeout=300)
+    """The sdist and the wheel of this checkout (the wheel is built from the sdist, as ``python -m build`` does).
+
+    Built once per test session: pytest-xdist's workers share the build, and a lock keeps two builds of the one
+    checkout from running at once (setuptools writes its release tree into the checkout, so two builds clash).
+    """
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the workers' temp dirs' parent
+    out = shared / "dist"
+    with open(shared / "dist.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "built").exists():
+            out.mkdir(exist_ok=True)
+            _run([sys.executable, "-m", "build", "--outdir", str(out), str(ROOT)], cwd=out, timeout=300)
+            (out / "built").touch()
     wheels, sdists = sorted(out.glob("*.whl")), sorted(out.glob("*.tar.gz"))
     assert len(wheels) == 1 and len(sdists) == 1, sorted(p.name for p in out.iterdir())
     return wheels[0], sdists[0]

@@ -64,8 +64,9 @@ _SCIKIT_LEARN_FILES: dict[str, tuple[str, ...]] = {
 def _read_bundled_files(name: str) -> tuple[np.ndarray, np.ndarray] | None:
     """``(x, y)`` read straight from scikit-learn's data files (the arrays its loaders return), or None where a
     file is missing, so that the loader itself is used."""
-    paths = [_scikit_learn_data_file(filename) for filename in _SCIKIT_LEARN_FILES[name]]
-    if None in paths:
+    found = [_scikit_learn_data_file(filename) for filename in _SCIKIT_LEARN_FILES[name]]
+    paths = [path for path in found if path is not None]
+    if len(paths) < len(found):
         return None
     if name == "digits":
         table = np.loadtxt(paths[0], delimiter=",")  # 64 pixel values 0..16, then the digit
