@@ -1,7 +1,7 @@
 """Multi-process runs: input checks, SLURM's environment, the rendezvous, the watchdog and losing a peer.
 
 The SLURM tests set the variables as ``srun`` sets them; the two-process tests run the real command line on
-127.0.0.1 (gloo, 4 simulated CPU devices per process), kill one process with SIGKILL mid-run, and resume the run
+127.0.0.1 (gloo, 2 simulated CPU devices per process), kill one process with SIGKILL mid-run, and resume the run
 under an emulated SLURM job whose compressed node list ``127.0.0.[1-2]`` resolves locally.
 """
 
@@ -427,7 +427,10 @@ def environment(**extra: str) -> dict[str, str]:
 
 
 def command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "jaxalgo", "train", "--quiet", "--devices", "4", "--parallel", "ddp", *args]
+    """``jaxalgo train`` with DDP over 2 simulated devices per process: several local devices, as on a GPU node,
+    but not 4 (8 gloo ranks in all make every step's all-reduce several times slower on CPU, for nothing a test
+    here checks)."""
+    return [sys.executable, "-m", "jaxalgo", "train", "--quiet", "--devices", "2", "--parallel", "ddp", *args]
 
 
 def finish(processes, timeout):
