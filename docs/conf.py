@@ -19,6 +19,7 @@ from sphinx.ext.napoleon.docstring import GoogleDocstring
 from sphinx.util import logging
 
 import jaxalgo
+from tests._xla_flags import add_fast_compile_flags
 
 project = "jaxalgo"
 author = "the jaxalgo developers"
@@ -52,19 +53,11 @@ nb_execution_timeout = 900
 nb_merge_streams = True
 # Sphinx executes a page when it reads it, and with ``-j N`` the notebooks fall into one reading chunk, one after
 # the other: _execute_notebooks (below) runs the ones not yet in the cache N at a time before reading starts.
-# The kernels inherit this process's environment: XLA's CPU backend compiles them at LLVM optimisation level 0,
-# with its LLVM IR fusion emitters (not the slower-to-compile MLIR ones) and one codegen module, unless XLA_FLAGS
-# already sets these flags (the same three flags as tests/conftest.py). The pages' programs are small and most of
+# The kernels inherit this process's environment: XLA's CPU backend compiles them with the test suite's fast-compile
+# flags (tests/_xla_flags.py), each unless XLA_FLAGS already sets it. The pages' programs are small and most of
 # their time is compiling; the operations computed are the same (only the machine code differs), so no figure on a
 # page changes beyond float rounding; only the "notebook time" lines report this build's seconds.
-_COMPILE_FAST = {
-    "--xla_backend_optimization_level": "0",
-    "--xla_cpu_use_fusion_emitters": "false",
-    "--xla_cpu_parallel_codegen_split_count": "1",
-}
-for flag, value in _COMPILE_FAST.items():
-    if flag not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}={value}".strip()
+add_fast_compile_flags(os.environ)
 
 # API reference: Google-style docstrings; members in source order; type hints in the description.
 napoleon_google_docstring = True
